@@ -1,0 +1,144 @@
+"""Named components with owners: register, resolve (with did-you-mean), list (fnmatch)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from toolkit.errors import AmbiguousNameError, TkError, UnknownNameError
+
+KINDS = ("backbones", "heads", "losses", "optimizers", "datasets")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered name: who owns it, how to build it and what it says about itself."""
+
+    kind: str
+    name: str
+    owner: str
+    factory: Callable[..., Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.owner}:{self.name}"
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.info.get("fallback"))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view (no factory)."""
+        extra = {k: v for k, v in self.info.items() if k != "fallback"}
+        return {"name": self.name, "plugin": self.owner, **extra}
+
+
+class Registry:
+    """All components of one kind (backbones, heads...), each owned by one plugin.
+
+    A bare name registered by two plugins is ambiguous: resolving it is an error naming
+    both owners, unless all but one registered it as a ``fallback`` (built-in timm yields
+    bare names to torchvision this way). ``owner:name`` always picks one explicitly.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._by_name: dict[str, list[Component]] = {}
+
+    @property
+    def singular(self) -> str:
+        return self.kind[:-1] if self.kind.endswith("s") else self.kind
+
+    def register(self, owner: str, name: str, factory: Callable[..., Any], **info: Any) -> None:
+        if not isinstance(name, str) or not name or ":" in name:
+            raise TkError(f"plugin '{owner}' registered an invalid {self.singular} name {name!r}")
+        if not callable(factory):
+            raise TkError(f"plugin '{owner}' registered {self.singular} '{name}' without a factory")
+        entries = self._by_name.setdefault(name, [])
+        if any(c.owner == owner for c in entries):
+            raise TkError(f"plugin '{owner}' registered {self.singular} '{name}' twice")
+        entries.append(Component(self.kind, name, owner, factory, dict(info)))
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except TkError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_name.values())
+
+    def _winners(self, name: str) -> list[Component]:
+        entries = self._by_name.get(name, [])
+        primary = [c for c in entries if not c.fallback]
+        return primary or entries
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Bare names that more than one plugin claims (not counting fallbacks)."""
+        return {
+            name: [c.owner for c in self._winners(name)]
+            for name in sorted(self._by_name)
+            if len(self._winners(name)) > 1
+        }
+
+    def resolve(self, name: str) -> Component:
+        """``name`` or ``owner:name`` -> the component, or a clear error."""
+        if ":" in name:
+            owner, _, bare = name.partition(":")
+            for c in self._by_name.get(bare, []):
+                if c.owner == owner:
+                    return c
+            owners = sorted({c.owner for cs in self._by_name.values() for c in cs})
+            if owner not in owners:
+                raise UnknownNameError(
+                    f"unknown plugin '{owner}' in {self.singular} '{name}'"
+                    + _did_you_mean(owner, owners)
+                )
+            raise UnknownNameError(
+                f"plugin '{owner}' has no {self.singular} '{bare}'"
+                + _did_you_mean(bare, [c.name for cs in self._by_name.values() for c in cs
+                                       if c.owner == owner])
+            )
+        winners = self._winners(name)
+        if len(winners) == 1:
+            return winners[0]
+        if len(winners) > 1:
+            owners = [c.owner for c in winners]
+            raise AmbiguousNameError(
+                f"{self.singular} '{name}' is registered by several plugins: "
+                f"{' and '.join(repr(o) for o in owners)}; pick one with "
+                + " or ".join(f"'{o}:{name}'" for o in owners)
+            )
+        raise UnknownNameError(
+            f"unknown {self.singular} '{name}'" + _did_you_mean(name, list(self._by_name))
+            + f" (see `tk list {self.kind}`)"
+        )
+
+    def list(self, pattern: str | None = None) -> list[Component]:
+        """Every registration (all owners), sorted by name then owner; fnmatch ``pattern``
+        matches the bare or the qualified name."""
+        out = []
+        for name in sorted(self._by_name):
+            for c in sorted(self._by_name[name], key=lambda c: c.owner):
+                if pattern is None or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(
+                    c.qualified_name, pattern
+                ):
+                    out.append(c)
+        return out
+
+    def build(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.resolve(name).factory(*args, **options)
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in candidates}
+        close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3)]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
