@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +30,31 @@ class Component:
     @property
     def fallback(self) -> bool:
         return bool(self.info.get("fallback"))
+
+    def accepted_options(self, positional: int = 0) -> list[str] | None:
+        """Keyword options the factory takes after its ``positional`` arguments
+        (None: it takes any, through ``**options``)."""
+        try:
+            params = list(inspect.signature(self.factory).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return [p.name for p in named[positional:]]
+
+    def check_options(self, options: dict[str, Any], positional: int = 0) -> None:
+        """Unknown option names are a user error naming the accepted ones."""
+        accepted = self.accepted_options(positional)
+        if accepted is None:
+            return
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TkError(
+                f"{self.kind[:-1]} '{self.name}' has no option {', '.join(map(repr, unknown))}"
+                + _did_you_mean(unknown[0], accepted)
+                + (f" (options: {', '.join(accepted)})" if accepted else " (it takes no options)")
+            )
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view (no factory)."""
@@ -80,7 +106,7 @@ class Registry:
     def conflicts(self) -> dict[str, list[str]]:
         """Bare names that more than one plugin claims (not counting fallbacks)."""
         return {
-            name: [c.owner for c in self._winners(name)]
+            name: sorted(c.owner for c in self._winners(name))
             for name in sorted(self._by_name)
             if len(self._winners(name)) > 1
         }
@@ -107,7 +133,7 @@ class Registry:
         if len(winners) == 1:
             return winners[0]
         if len(winners) > 1:
-            owners = [c.owner for c in winners]
+            owners = sorted(c.owner for c in winners)
             raise AmbiguousNameError(
                 f"{self.singular} '{name}' is registered by several plugins: "
                 f"{' and '.join(repr(o) for o in owners)}; pick one with "

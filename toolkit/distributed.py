@@ -1,0 +1,109 @@
+"""torchrun integration: process group set-up, sharding without padding, metric reduction."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from toolkit.errors import TkError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistInfo:
+    """Rank information set by torchrun (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise TkError("WORLD_SIZE / RANK / LOCAL_RANK must be integers") from None
+    return DistInfo(rank, world, local)
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group: NCCL on GPU, gloo on CPU."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get("TK_DIST_TIMEOUT", "600")))
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except Exception as exc:
+        raise TkError(f"rank {info.rank}: cannot join the process group ({exc})") from None
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Indices for one epoch: a permutation seeded by (seed, epoch) when shuffling, split
+    across ranks. ``pad=True`` (training) repeats a few indices so every rank gets the same
+    number of batches; ``pad=False`` (evaluation) gives each index to exactly one rank."""
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                 pad: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.world_size > 1 and self.n % self.world_size:
+            extra = self.world_size - self.n % self.world_size
+            order += order[:extra]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        if self.pad and self.world_size > 1:
+            return -(-self.n // self.world_size)
+        return len(range(self.rank, self.n, self.world_size))

@@ -1,0 +1,180 @@
+"""Frozen-backbone feature caching: compute the backbone's features once, train the head on
+them. The cache is keyed by the backbone's weights, the data and the transform, kept as
+safetensors under the store (``cache/features``), and announced on stderr when used or
+invalidated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from toolkit import distributed as D
+from toolkit.devices import autocast, pin_memory, to_device
+from toolkit.errors import TkError
+
+INDEX = "index.json"
+
+
+def should_cache(flag: bool | None, fully_frozen: bool, augment: bool,
+                 unfreeze_at: int | None) -> bool:
+    """``--cache-features`` forces it (needs a fully frozen backbone), ``--no-cache-features``
+    turns it off; by default it is on when the backbone is fully frozen for the whole run and
+    no augmentation changes the backbone's input."""
+    if flag is False:
+        return False
+    frozen_throughout = fully_frozen and not unfreeze_at
+    if flag is True and not frozen_throughout:
+        raise TkError("--cache-features needs the whole backbone frozen for the whole run "
+                      "(--freeze all, no --unfreeze-at)")
+    return frozen_throughout and (flag is True or not augment)
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's tensors."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> Any:
+    """Paths, sizes and modification times of a file-backed dataset (None otherwise)."""
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return None
+    h = hashlib.sha256()
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}|{label}|missing\n".encode())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def compute_features(module: torch.nn.Module, dataset: Any, *, device: torch.device,
+                     precision: str, batch_size: int, workers: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    module.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, pin_memory=pin_memory(device))
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast(device, precision):
+            f = module(to_device(x, device))
+        feats.append(f.float().cpu())
+        labels.append(torch.as_tensor(y).long().cpu())
+    if not feats:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(
+    backbone: Any,
+    data_config: Any,
+    datasets: tuple[Any, Any],
+    *,
+    key_parts: dict[str, Any],
+    cache_dir: Path,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int,
+    dist: D.DistInfo,
+    log: Callable[[str], None],
+) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+    """(train, val) TensorDatasets of backbone features, from the cache or computed now."""
+    train, val = datasets
+    weights = state_hash(backbone.module)
+    key_doc = {
+        "weights": weights,
+        "data_config": data_config.to_dict(),
+        "data": key_parts,
+        "train": [len(train), dataset_fingerprint(train)],
+        "val": [len(val), dataset_fingerprint(val)],
+        "precision": precision,
+    }
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()
+    slot = f"{backbone.name}|{key_parts.get('dataset')}"
+    path = cache_dir / f"{key}.safetensors"
+
+    tensors = None
+    if dist.is_main:
+        tensors = _read(path)
+        if tensors is not None:
+            log(f"feature cache: using {path.name[:16]}... ({len(train)} train / {len(val)} "
+                "val feature vectors; the backbone is not run)")
+        else:
+            old = _index(cache_dir).get(slot)
+            if old and old != key:
+                log("feature cache: invalidated (backbone weights, data or transform changed);"
+                    " recomputing")
+                (cache_dir / f"{old}.safetensors").unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            backbone.module.to(device)
+            tx, ty = compute_features(backbone.module, train, device=device,
+                                      precision=precision, batch_size=batch_size,
+                                      workers=workers)
+            vx, vy = compute_features(backbone.module, val, device=device,
+                                      precision=precision, batch_size=batch_size,
+                                      workers=workers)
+            tensors = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
+            stored = _write(path, tensors, cache_dir, slot, key)
+            log(f"feature cache: computed {len(tx) + len(vx)} feature vectors in "
+                f"{time.perf_counter() - t0:.1f}s" + (f", saved to {path}" if stored
+                                                      else " (kept in memory only)"))
+    if dist.enabled:
+        tensors = D.broadcast_object(tensors)
+    assert tensors is not None
+    return (torch.utils.data.TensorDataset(tensors["train_x"], tensors["train_y"]),
+            torch.utils.data.TensorDataset(tensors["val_x"], tensors["val_y"]))
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.exists():
+        return None
+    try:
+        t = load_file(str(path))
+        if {"train_x", "train_y", "val_x", "val_y"} <= set(t):
+            return t
+    except Exception:
+        pass
+    path.unlink(missing_ok=True)  # damaged: recompute
+    return None
+
+
+def _index(cache_dir: Path) -> dict[str, str]:
+    try:
+        return json.loads((cache_dir / INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], cache_dir: Path, slot: str,
+           key: str) -> bool:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".feat-", suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+        index = _index(cache_dir)
+        index[slot] = key
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".index-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, cache_dir / INDEX)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,71 @@
+"""Training-curve and confusion-matrix PNGs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Loss (train, val) and accuracy (train, val) per epoch, side by side."""
+    plt = _pyplot()
+    epochs = [int(m["epoch"]) for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
+    ax_loss.plot(epochs, [m["val_loss"] for m in history], "o-", label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(epochs, [m["train_acc"] for m in history], "o-", label="train")
+    ax_acc.plot(epochs, [m["val_acc"] for m in history], "o-", label="val top-1")
+    if history and "val_top5" in history[0]:
+        ax_acc.plot(epochs, [m["val_top5"] for m in history], "o--", label="val top-5")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path,
+                     title: str = "confusion (rows: true, columns: predicted)") -> None:
+    plt = _pyplot()
+    n = len(classes)
+    size = min(12.0, 2.5 + 0.5 * n)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    peak = max((v for row in matrix for v in row), default=0)
+    if n <= 30:
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center",
+                        color="white" if v > peak / 2 else "black", fontsize=8)
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plot-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
