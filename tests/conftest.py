@@ -1,0 +1,100 @@
+"""Shared pytest fixtures. Keep them generic: several test modules use them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+
+def write_image(path: Path, size: tuple[int, int] = (32, 32),
+                colour: tuple[int, int, int] = (200, 30, 30), *, mode: str = "RGB",
+                **save: object) -> Path:
+    """Write a solid-colour image at ``path`` (format from the extension) and return it."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, **save)
+    return path
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A distinct colour per class index."""
+    return ((label * 97 + 40) % 256, (label * 57 + 120) % 256, (label * 151 + 200) % 256)
+
+
+@pytest.fixture
+def make_image_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_image_dir({"cat": 3, "dog": 2}, root=None, size=(32, 32), ext="png")``
+    writes a class-per-sub-folder tree of small solid-colour images (one colour per class,
+    slightly varied per image) and returns its root (default ``tmp_path / "data"``)."""
+
+    def make(counts: Mapping[str, int], root: Path | None = None,
+             size: tuple[int, int] = (32, 32), ext: str = "png") -> Path:
+        root = Path(root) if root is not None else tmp_path / "data"
+        for label, (name, n) in enumerate(counts.items()):
+            r, g, b = class_colour(label)
+            for i in range(n):
+                write_image(root / name / f"{name}_{i:03d}.{ext}", size,
+                            (r, g, (b + 7 * i) % 256))
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    return make
+
+
+# -- a stored model (tests/plugins_for_tests/tiny.py backbone) ----------------------------
+
+TINY_PLUGIN = str(Path(__file__).resolve().parent / "plugins_for_tests" / "tiny.py")
+COLOUR_CLASSES = ("red", "green", "blue")
+
+
+def save_colour_model(store_dir: Path, name: str = "colours") -> str:
+    """Store a ``tiny-cnn`` classifier (width 4) whose weights are set by hand so that it
+    is right on solid colours: it predicts the strongest of the red, green and blue input
+    channels (classes :data:`COLOUR_CLASSES`). Loading it needs :data:`TINY_PLUGIN`
+    (``TK_PLUGINS`` or ``--plugin`` in subprocesses). Returns the model name."""
+    import torch
+
+    from model_store import ModelStore
+    from toolkit.pipeline import ModelSpec, build_classifier
+    from toolkit.plugins import load_plugins
+
+    plugins = load_plugins(modules=[TINY_PLUGIN], env={})
+    spec = ModelSpec("tiny:tiny-cnn", 3, backbone_options={"width": 4})
+    model, backbone = build_classifier(plugins, spec, pretrained=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        stem_conv, stem_bn = model.backbone[0][0], model.backbone[0][1]
+        body_conv, body_bn = model.backbone[1][0], model.backbone[1][1]
+        for c in range(3):  # channel c passes through both convs unchanged (centre tap)
+            stem_conv.weight[c, c, 1, 1] = 1.0
+            body_conv.weight[c, c, 1, 1] = 1.0
+        for bn in (stem_bn, body_bn):  # identity batch norms
+            bn.weight.fill_(1.0)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0)
+        head = model.head[-1]
+        head.weight[:, :3] = torch.eye(3) * 4.0
+    meta = {
+        "spec": spec.to_dict(),
+        "classes": list(COLOUR_CLASSES),
+        "data_config": backbone.data_config.to_dict(),
+        "training": {"note": "hand-set weights for tests"},
+        "metrics": {},
+        "weights": backbone.weights.to_dict(),
+    }
+    ModelStore(store_dir).save(name, model, meta)
+    return name
+
+
+@pytest.fixture
+def colour_model(tmp_path: Path) -> tuple[Path, str]:
+    """``(store_dir, name)`` of :func:`save_colour_model` in a fresh store."""
+    store_dir = tmp_path / "store"
+    return store_dir, save_colour_model(store_dir)

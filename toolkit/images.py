@@ -1,0 +1,265 @@
+"""The one image loading path of tk: training, evaluation and inference all decode here.
+
+:func:`load_image` turns a file (or its bytes) into a fully decoded ``PIL.Image`` in RGB,
+whatever the file holds, or raises :class:`ImageDecodeError` with a one-line reason:
+
+- the format is found from the content, never from the extension (a PNG named ``.jpg``
+  loads); only the formats tk documents are decoded (JPEG/MPO, PNG, BMP, GIF, WebP, TIFF):
+  other Pillow plugins (EPS through Ghostscript, exotic decoders) are never reached;
+- the EXIF orientation is applied (a photo taken sideways comes out upright);
+- palette, grey, 1-bit, CMYK, YCbCr images are converted to RGB; images with alpha (RGBA,
+  LA, palette or grey with a transparent colour) are composited over a solid background,
+  **white** by default (``background=``); 16-bit images (``I;16*``) are scaled to 8 bits
+  (``v * 255 / 65535``, rounded), never clipped; 32-bit integer images whose values fit in
+  16 bits are scaled the same way, others (and float images) are stretched from their
+  minimum to their maximum; animated GIF / WebP and multi-page TIFF give their first frame;
+- decompression bombs are refused from the size the header declares, before any pixel is
+  decoded: more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's
+  own default, or ``TK_MAX_IMAGE_PIXELS`` from the environment);
+- empty, truncated, corrupt or non-image files raise :class:`ImageDecodeError`; the image is
+  decoded completely inside the function (no lazy decoding that fails later).
+
+``draft_size`` asks for reduced-size JPEG decoding (libjpeg's DCT scaling by 1/2, 1/4 or
+1/8) while keeping the short side at least that many pixels: much faster for photos far
+larger than the model input, and a no-op for other formats or small JPEGs.
+
+PIL is imported inside the functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolkit.errors import DataError, TkError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+)
+"""File name endings tk treats as images when it lists folders (case-insensitive)."""
+
+DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+"""Pillow format names :func:`load_image` decodes ("JPEG" includes MPO, the multi-picture
+JPEG many cameras write). Anything else is refused as 'not a supported image'."""
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Largest image (width x height) decoded unless ``TK_MAX_IMAGE_PIXELS`` says otherwise
+(Pillow's default: about 0.25 GB of RGB pixels)."""
+
+MAX_PIXELS_ENV = "TK_MAX_IMAGE_PIXELS"
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+
+
+class ImageDecodeError(DataError):
+    """A file that cannot be decoded as an image; ``str()`` is one line:
+    ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = " ".join(str(reason).split())  # one line, always
+        super().__init__(f"{path}: {self.reason}")
+
+    def __reduce__(self):  # keep (path, reason) through pickling (DataLoader workers)
+        return (type(self), (self.path, self.reason))
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """Whether the file name ends with one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``TK_MAX_IMAGE_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise TkError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
+    return value
+
+
+_pil_ready = False
+
+
+def _pil():
+    """Import Pillow once and align its own bomb check with ours (we check first, from the
+    header; Pillow's warning is silenced, its hard limit raised to ours when ours is
+    higher)."""
+    global _pil_ready
+    from PIL import Image
+
+    if not _pil_ready:
+        Image.init()  # register every format plugin so `formats=` can name them
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _pil_ready = True
+    return Image
+
+
+# EXIF orientation -> the transpose that makes the image upright
+_ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
+                          5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = None,
+    draft_size: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> PILImage.Image:
+    """Decode ``source`` (a path or the file's bytes) into an RGB ``PIL.Image``.
+
+    ``max_pixels``: refuse images larger than this (default :func:`max_image_pixels`).
+    ``draft_size``: allow reduced-size JPEG decoding down to this short side.
+    ``background``: the colour transparent pixels are composited over.
+
+    Raises :class:`ImageDecodeError` (one line, naming the file) for anything that is not
+    a decodable image of a supported format within the size limit.
+    """
+    Image = _pil()
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = "<bytes>"
+        data = bytes(source)
+        if not data:
+            raise ImageDecodeError(name, "empty file (0 bytes)")
+        return _decode(Image, io.BytesIO(data), name, limit, draft_size, background)
+
+    name = os.fspath(source)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    path = Path(name)
+    try:
+        if path.is_dir():
+            raise ImageDecodeError(name, "is a directory, not an image file")
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ImageDecodeError(name, f"cannot read: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except OSError:
+            size = -1
+        if size == 0:
+            raise ImageDecodeError(name, "empty file (0 bytes)")
+        return _decode(Image, fh, name, limit, draft_size, background)
+
+
+def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
+            background: tuple[int, int, int]) -> PILImage.Image:
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # our own check below is the one that counts
+    try:
+        img = Image.open(fp, formats=DECODE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"image too large, refused before decoding ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            name, "not an image, or not a supported format "
+            "(JPEG, PNG, BMP, GIF, WebP, TIFF)") from None
+    except Exception as exc:  # corrupt headers make Pillow raise all sorts of things
+        raise ImageDecodeError(name, f"corrupt image header ({_describe(exc)})") from None
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
+    if width * height > limit:
+        raise ImageDecodeError(
+            name,
+            f"image too large: {width}x{height} = {width * height} pixels exceeds the "
+            f"limit of {limit} (possible decompression bomb; raise {MAX_PIXELS_ENV} to "
+            f"allow it), refused before decoding",
+        )
+    fmt = img.format or "image"
+    if draft_size and fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK"):
+        try:
+            img.draft(img.mode, (int(draft_size), int(draft_size)))
+        except Exception:  # a draft is an optimisation only
+            pass
+    try:
+        img.load()
+    except Exception as exc:
+        raise ImageDecodeError(
+            name, f"corrupt or truncated {fmt} data ({_describe(exc)})") from None
+    orientation = _orientation(img)
+    try:
+        rgb = _to_rgb(Image, img, background)
+    except Exception as exc:
+        raise ImageDecodeError(
+            name, f"cannot convert {fmt} mode {img.mode} to RGB ({_describe(exc)})"
+        ) from None
+    if orientation in _ORIENTATION_TRANSPOSE:
+        rgb = rgb.transpose(getattr(Image.Transpose, _ORIENTATION_TRANSPOSE[orientation]))
+    return rgb
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation (1 when absent or unreadable: a broken EXIF block does not
+    make a valid picture unusable)."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+        return int(value) if isinstance(value, int) else 1
+    except Exception:
+        return 1
+
+
+def _to_rgb(Image, img, background: tuple[int, int, int]):
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_rgb(Image, img)
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        mode in ("P", "L", "RGB", "1") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", img.size, tuple(background))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode in ("RGB", "RGBX", "L", "1", "P", "CMYK", "YCbCr", "HSV"):
+        return img.convert("RGB")
+    # anything else Pillow can convert (e.g. "LAB" raises here and is reported as such)
+    return img.convert("RGB")
+
+
+def _high_depth_to_rgb(Image, img):
+    """16-bit / 32-bit integer / float grey images -> 8-bit RGB without clipping."""
+    import numpy as np
+
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise ValueError(f"unexpected array shape {arr.shape}")
+    if img.mode.startswith("I;16"):
+        scaled = (arr.astype(np.uint32) * 255 + 32767) // 65535
+    else:
+        a = arr.astype(np.float64)
+        finite = np.isfinite(a)
+        lo = float(a[finite].min()) if finite.any() else 0.0
+        hi = float(a[finite].max()) if finite.any() else 0.0
+        if img.mode == "I" and lo >= 0 and hi <= 65535:
+            scaled = (np.nan_to_num(a) * 255 + 32767) // 65535
+        elif img.mode == "F" and lo >= 0 and hi <= 1.0:
+            scaled = np.rint(np.nan_to_num(a) * 255)
+        elif hi > lo:
+            scaled = np.rint((np.clip(np.nan_to_num(a, nan=lo), lo, hi) - lo) * 255 / (hi - lo))
+        else:
+            scaled = np.zeros_like(a)
+    grey = Image.fromarray(np.ascontiguousarray(scaled.astype(np.uint8)))  # 2-D uint8: "L"
+    return grey.convert("RGB")
