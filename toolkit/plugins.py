@@ -21,9 +21,10 @@ import importlib.util
 import os
 import sys
 import traceback
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pluggy
 
@@ -88,18 +89,30 @@ class Plugins:
 
     # -- loading -----------------------------------------------------------------------
     def _fail(self, record: PluginRecord, exc: BaseException, what: str) -> None:
-        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        last = " ".join(traceback.format_exception_only(type(exc), exc)[-1].split())
         record.error = f"{what}: {last}"
         if self.strict:
             raise PluginError(f"plugin '{record.name}' failed to {what}: {last}") from exc
 
+    def _keep(self, record: PluginRecord) -> None:
+        """Record a plugin; a second one with a taken name is kept under another key so
+        that `tk plugins` still shows it (and its error)."""
+        key = record.name
+        if key in self.records and self.records[key] is not record:
+            key = f"{record.name} ({record.module})"
+        self.records[key] = record
+
     def add(self, obj: Any, record: PluginRecord) -> None:
         """Register an imported plugin object under ``record.name``."""
+        if self.pm.is_registered(obj):  # e.g. installed and also given with --plugin
+            return
         if record.name in self.records and self.records[record.name].error is None:
-            raise PluginError(
+            self._keep(record)
+            self._fail(record, PluginError(
                 f"two plugins are named '{record.name}' ({self.records[record.name].module} "
                 f"and {record.module}); disable one with TK_DISABLE_PLUGINS"
-            )
+            ), "register")
+            return
         self.records[record.name] = record
         try:
             self.pm.register(obj, name=record.name)
@@ -115,7 +128,7 @@ class Plugins:
         except BaseException as exc:  # a plugin may even call sys.exit on import
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            self.records.setdefault(record.name, record)
+            self._keep(record)
             self._fail(record, exc, "import")
             return
         self.add(obj, record)
