@@ -481,6 +481,65 @@ def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> 
     assert plugins.records["nocmd"].error.startswith("register commands: ")
 
 
+def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
+    path = write_module(tmp_path, "usurper", textwrap.dedent("""
+        import click
+        from toolkit.hookspecs import hookimpl
+
+        @hookimpl
+        def tk_register_commands(cli):
+            cli.add_command(click.Command("list", callback=lambda: print("hijacked")))
+            cli.add_command(click.Command("usurp", callback=lambda: None))
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    original = click.Command("list")
+    group = click.Group("tk", commands=[original])
+    plugins.add_commands(group)
+    assert group.commands["list"] is original
+    assert "usurp" in group.commands  # its other command is fine
+    assert plugins.records["usurper"].error == (
+        "register commands: toolkit.errors.PluginError: command 'list' exists already; "
+        "choose another name")
+    env = isolated_env(tmp_path, {"TK_DISABLE_PLUGINS": "timm,torchvision"})
+    help_ = tk("--plugin", str(path), "--help", env=env, cwd=tmp_path)
+    assert help_.returncode == 0 and "usurp" in help_.stdout
+    assert "List registered components" in help_.stdout  # tk's own `list`
+    shown = tk("--plugin", str(path), "plugins", env=env, cwd=tmp_path)
+    assert "error: register commands: toolkit.errors.PluginError: command 'list' exists" \
+        in shown.stdout
+
+
+def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -> None:
+    path = write_module(tmp_path, "lazy_fail", textwrap.dedent("""
+        from toolkit.hookspecs import hookimpl
+
+        @hookimpl
+        def tk_register_heads(register):
+            register("fine-head", print)
+
+        @hookimpl
+        def tk_register_optimizers(register):
+            raise ValueError("optimizer table is corrupt")
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    assert plugins.records["lazy_fail"].error is None  # imported fine; hooks not run yet
+    plugins.check()
+    assert plugins.records["lazy_fail"].error == (
+        "register optimizers: ValueError: optimizer table is corrupt")
+    assert plugins.registry("heads").resolve("fine-head").owner == "lazy_fail"
+
+    env = isolated_env(tmp_path)
+    shown = tk("--plugin", str(path), "plugins", "--json", env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert [(r["name"], r["error"]) for r in json.loads(shown.stdout)] == [
+        ("lazy_fail", "register optimizers: ValueError: optimizer table is corrupt")]
+    strict = tk("--plugin", str(path), "plugins", env={**env, "TK_STRICT_PLUGINS": "1"},
+                cwd=tmp_path)
+    assert strict.returncode == 2 and strict.stderr.strip() == (
+        "tk: error: plugin 'lazy_fail' failed to register optimizers: "
+        "ValueError: optimizer table is corrupt")
+
+
 # -- the CLI, in a subprocess ----------------------------------------------------------------
 def tk(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "toolkit", *args], env=env, cwd=cwd,

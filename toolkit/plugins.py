@@ -157,13 +157,46 @@ class Plugins:
         return self._registries[kind]
 
     def add_commands(self, cli: Any) -> None:
+        """Let plugins add commands to the click group ``cli``; a plugin may not replace a
+        command that exists already (tk's own or an earlier plugin's): that is reported."""
         for impl in reversed(self.pm.hook.tk_register_commands.get_hookimpls()):
             owner = self.pm.get_name(impl.plugin) or "?"
+            record = self.records.get(owner) or PluginRecord(owner, "?", "?")
+            before = dict(getattr(cli, "commands", {}))
             try:
                 impl.function(**_kwargs_for(impl, cli=cli))
             except Exception as exc:
-                record = self.records.get(owner) or PluginRecord(owner, "?", "?")
                 self._fail(record, exc, "register commands")
+                continue
+            taken = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+            if taken:
+                cli.commands.update({n: before[n] for n in taken})
+                self._fail(record, PluginError(
+                    f"command {', '.join(map(repr, taken))} exists already; "
+                    "choose another name"), "register commands")
+
+    def check(self, cli: Any = None) -> None:
+        """Run the registration hooks of the third-party plugins against scratch registries
+        (and plugin commands against a copy of ``cli``) so that a failure inside them is
+        recorded for ``tk plugins``. The real registries are not built: the built-in
+        backbone plugins import torch to list their models."""
+        for kind in KINDS:
+            for impl in getattr(self.pm.hook, f"tk_register_{kind}").get_hookimpls():
+                record = self.records.get(self.pm.get_name(impl.plugin) or "")
+                if record is None or record.builtin or record.error:
+                    continue
+                scratch = Registry(kind)
+
+                def register(name: str, factory: Any, _owner: str = record.name,
+                             _reg: Registry = scratch, **info: Any) -> None:
+                    _reg.register(_owner, name, factory, **info)
+
+                try:
+                    impl.function(**_kwargs_for(impl, register=register))
+                except Exception as exc:
+                    self._fail(record, exc, f"register {kind}")
+        if cli is not None:
+            self.add_commands(type(cli)(cli.name, commands=dict(cli.commands)))
 
     def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook; an observer that raises is reported, never fatal

@@ -15,7 +15,9 @@ from toolkit.registry import KINDS
 @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
 def plugins_command(as_json: bool, show_all: bool) -> None:
     """List installed plugins: name, version, hooks and any load error."""
-    records = [r for r in get_state().plugins.records.values() if show_all or not r.builtin]
+    plugins = get_state().plugins
+    plugins.check(cli)  # run the plugins' registration hooks so their errors show too
+    records = [r for r in plugins.records.values() if show_all or not r.builtin]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in records], indent=2))
         return
