@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -143,6 +144,13 @@ class ModelStore:
     # -- paths -------------------------------------------------------------------------
     def model_path(self, name: str) -> Path:
         return self.models_dir / f"{check_name(name)}{SUFFIX}"
+
+    def artifact_path(self, name: str, filename: str) -> Path:
+        """Where a file that belongs to model ``name`` goes (training curves, confusion
+        matrix...): ``artifacts/<name>/<filename>``, removed with the model."""
+        if not filename or "/" in filename or filename.startswith("."):
+            raise StoreError(f"invalid artifact file name {filename!r}")
+        return self.root / "artifacts" / check_name(name) / filename
 
     def base_path(self, sha256: str) -> Path:
         return self.bases_dir / f"{sha256}{SUFFIX}"
@@ -386,6 +394,7 @@ class ModelStore:
                 raise StoreError(f"cannot remove model '{name}' ({path}): {exc.strerror}"
                                  ) from exc
             fsync_dir(self.models_dir)
+            shutil.rmtree(self.root / "artifacts" / name, ignore_errors=True)
             for base in self._gc_locked():
                 freed += base[1]
         return freed

@@ -159,7 +159,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     from toolkit.data import eval_transform, train_transform
     from toolkit.devices import check_precision, resolve_device
     from toolkit.pipeline import Classifier, ModelSpec, build_backbone, build_head, frozen_count
-    from toolkit.train import Trainer, TrainConfig
+    from toolkit.train import Trainer, TrainConfig, seed_everything
 
     args.check()
     dist = D.from_env()
@@ -185,7 +185,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     if args.resume and name is None:
         name = _latest_run(run_root)
     assert name is not None
-    if not args.resume and not args.overwrite and store.exists(name):
+    if not args.resume and not args.overwrite and store.model_path(name).is_file():
         raise TkError(f"model '{name}' already exists in {store.root}; "
                       "choose another --name or pass --overwrite")
     run_dir = run_root / name
@@ -209,7 +209,8 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
         if len(classes) < 2:
             raise DataError(f"need at least 2 classes, the data has {len(classes)}")
 
-        # backbone with its weights, and the head
+        # backbone with its weights, and the head (seeded: random init repeats exactly)
+        seed_everything(args.seed)
         pretrained, weights_source = resolve_weights(args, bb_c.qualified_name, store)
         backbone = build_backbone(plugins, bb_c.qualified_name, pretrained,
                                   args.options["backbone"])
@@ -313,6 +314,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
                           shared_prefix="backbone." if fully_frozen else None,
                           overwrite=args.overwrite or args.resume)
         artifacts = _plots(store, name, result.history, result.confusion, classes, log)
+        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # finished: not needed
         plugins.notify("tk_model_saved", name=name, path=str(info.path), metadata=metadata)
         best = result.best_metrics
         log(f"saved model '{name}' (best epoch {result.best_epoch}: val acc "
