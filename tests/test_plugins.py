@@ -231,6 +231,26 @@ def test_plugin_with_a_misspelt_hook_argument_is_recorded(tmp_path: Path) -> Non
     assert error.startswith("register: ") and "registr" in error and "\n" not in error
 
 
+def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path) -> None:
+    path = write_module(tmp_path, "misspelt", textwrap.dedent("""
+        from toolkit.hookspecs import hookimpl
+
+        @hookimpl
+        def tk_register_backbone(register):
+            register("never-seen", print)
+
+        @hookimpl
+        def tk_register_heads(register):
+            register("seen-head", print)
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    assert plugins.records["misspelt"].error == (
+        "register: toolkit.errors.PluginError: unknown hook tk_register_backbone "
+        "(did you mean tk_register_backbones?)")
+    assert "seen-head" not in plugins.registry("heads")  # the whole plugin is out
+    assert load_plugins(env=LIGHT).registry("heads").resolve("linear")
+
+
 def test_strict_makes_an_import_failure_fatal_naming_the_plugin(site: Path) -> None:
     mod = unique("fatal")
     install_dist(site, "tk-fatal", "0.1", {"fatal": mod}, {mod: "import no_such_module_xyz\n"})

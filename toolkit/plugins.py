@@ -15,6 +15,7 @@ Nothing here imports torch. Use :func:`load_plugins` for a fresh manager (tests 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -119,7 +120,16 @@ class Plugins:
         except Exception as exc:  # pluggy validation: wrong hook signature, unknown hook
             self._fail(record, exc, "register")
             return
-        record.hooks = sorted(h.name for h in self.pm.get_hookcallers(obj) or [])
+        callers = self.pm.get_hookcallers(obj) or []
+        unknown = sorted(h.name for h in callers if not h.has_spec())
+        if unknown:  # a misspelt hook would otherwise be silently ignored
+            self.pm.unregister(obj)
+            known = [h for h in dir(hookspecs) if h.startswith("tk_")]
+            hints = [f"{u} (did you mean {close[0]}?)" if close else u for u in unknown
+                     for close in [difflib.get_close_matches(u, known, n=1)]]
+            self._fail(record, PluginError(f"unknown hook {', '.join(hints)}"), "register")
+            return
+        record.hooks = sorted(h.name for h in callers)
         self._registries.clear()
 
     def import_module(self, module: str, record: PluginRecord) -> None:
