@@ -1,0 +1,164 @@
+"""Weight files: hash them, read them without pickle, load them into a module with clear errors.
+
+Knows no concrete model. Backbone plugins use these so that every damaged, foreign or
+mismatched weight file ends in one :class:`~toolkit.errors.TkError` line instead of a
+pickle or torch traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit.errors import TkError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# keys under which training scripts commonly nest the actual state dict
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
+_SHOW = 3  # how many offending keys an error names
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length, then JSON."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, never unpickling arbitrary objects.
+
+    ``.safetensors`` (or any file that is one) is read with safetensors, anything else with
+    ``torch.load(map_location="cpu", weights_only=True)``. Common wrappers
+    (``{"state_dict": ...}``, ``{"model": ...}``...) and a DataParallel ``module.`` prefix
+    are unwrapped. A missing, damaged or non-weights file raises :class:`TkError`.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise TkError(f"weights file {p} not found")
+    if not p.is_file():
+        raise TkError(f"weights file {p} is not a file")
+    if p.suffix.lower() == ".safetensors" or _looks_like_safetensors(p):
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(p), device="cpu")
+        except Exception as exc:
+            raise TkError(f"cannot read weights file {p}: not a valid safetensors file "
+                          f"({_one_line(exc)})") from None
+    else:
+        try:
+            with warnings.catch_warnings():  # torch's notes about pickle protocols
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            msg = str(exc)
+            if "Weights only load failed" in msg and "Unsupported" in msg:
+                raise TkError(f"refusing to read weights file {p}: it holds pickled Python "
+                              "objects, not only tensors (re-save it as a plain state dict or "
+                              ".safetensors)") from None
+            raise TkError(f"cannot read weights file {p}: not a PyTorch or safetensors "
+                          f"weights file, or it is damaged ({_one_line(exc, 120)})") from None
+    return _unwrap(obj, p)
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # {"model": {"state_dict": {...}}} at worst
+        if _is_tensor_dict(obj):
+            break
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not _is_tensor_dict(obj):
+        found = type(obj).__name__
+        if isinstance(obj, Mapping):
+            found = "a dict without tensors" if not obj else (
+                f"a dict with keys {', '.join(map(str, list(obj)[:_SHOW]))}")
+        raise TkError(f"weights file {path} holds no state dict (expected tensor names mapped "
+                      f"to tensors, found {found})")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _names(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
+
+
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    ignore_prefixes: Iterable[str] = (),
+    what: str = "",
+) -> None:
+    """Copy ``state_dict`` into ``module`` strictly, or raise :class:`TkError` naming a few
+    missing, unexpected and shape-mismatched keys. Keys starting with one of
+    ``ignore_prefixes`` (e.g. a dropped classifier ``"fc."``) are skipped when present;
+    ``what`` names the weights in messages (e.g. ``"resnet18 from file x.pth"``)."""
+    prefixes = tuple(ignore_prefixes)
+    sd = {k: v for k, v in state_dict.items() if not (prefixes and k.startswith(prefixes))}
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            k = mismatched[0]
+            problems.append(f"{len(mismatched)} with another shape ({_names(mismatched)}; "
+                            f"{k} is {list(sd[k].shape)} in the file, {list(own[k].shape)} "
+                            "in the model)")
+        if missing:
+            problems.append(f"{len(missing)} missing ({_names(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+        label = f" {what}" if what else ""
+        raise TkError(f"weights{label} do not fit the model: {len(sd)} tensors, "
+                      + "; ".join(problems))
+    try:
+        module.load_state_dict(sd, strict=True)
+    except Exception as exc:  # dtype conversions that cannot happen, etc.
+        label = f" {what}" if what else ""
+        raise TkError(f"cannot load weights{label}: {_one_line(exc)}") from None
