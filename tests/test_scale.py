@@ -1,0 +1,101 @@
+"""Scale: DDP under torchrun on the CPU (gloo) and the frozen-backbone feature cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TINY = str(HERE / "plugins_for_tests" / "tiny.py")
+KILLER = str(HERE / "plugins_for_tests" / "killer.py")
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+# fully frozen (BatchNorm statistics fixed), no augmentation, no dropout: one process with
+# batch 16 and two with 8 each see the same global batches, so they must agree closely.
+COMPARABLE = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
+              "--no-pretrained", "--freeze", "all", "--no-augment", "--no-cache-features",
+              "--opt", "dataset.samples=150", "--opt", "dataset.image_size=32", "--seed", "5",
+              "--lr", "0.05", "--json"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
+             TK_PLUGINS=TINY, OMP_NUM_THREADS="1")
+    e.pop("TK_DEBUG", None)
+    return e
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
+
+
+def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_path: Path):
+    single = run([sys.executable, "-m", "toolkit", *COMPARABLE, "--batch-size", "16",
+                  "--name", "single"], env)
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun([*COMPARABLE, "--batch-size", "8", "--name", "ddp"], env)
+    assert ddp.returncode == 0, ddp.stderr
+
+    one = json.loads(single.stdout)
+    two = json.loads(ddp.stdout.strip().splitlines()[-1])  # only rank 0 prints
+    assert ddp.stdout.count('"name"') == 1
+    models = sorted(p.name for p in (tmp_path / "store" / "models").iterdir())
+    assert models == ["ddp.safetensors", "single.safetensors"]  # one model from the DDP job
+    for a, b in zip(one["history"], two["history"]):
+        assert b["val_samples"] == a["val_samples"] == 30.0  # the whole validation set
+        # tolerance: float summation order differs; at most one validation image may flip
+        assert abs(a["val_acc"] - b["val_acc"]) <= 1 / 30 + 1e-9
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
+    assert ddp.stderr.count("saved model") == 1  # rank 0 alone logs and saves
+
+
+def test_a_failing_rank_ends_the_job(env: dict[str, str]):
+    args = ["--plugin", KILLER, "finetune", "--backbone", "tiny-cnn", "--classes", "3",
+            "--epochs", "3", "--no-pretrained", "--opt", "dataset.samples=60",
+            "--opt", "dataset.image_size=32", "--name", "dies"]
+    proc = torchrun(args, {**env, "TK_TEST_KILL_AT": "1", "TK_DIST_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    assert "epoch 2/3" not in proc.stderr
+
+
+def _epochs(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["history"]
+
+
+def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, str],
+                                                              tmp_path: Path):
+    base = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "3",
+            "--no-pretrained", "--freeze", "all", "--no-augment", "--seed", "2",
+            "--opt", "dataset.samples=150", "--opt", "dataset.image_size=32", "--json",
+            "--lr", "0.05"]
+    tk = [sys.executable, "-m", "toolkit"]
+    first = run([*tk, *base, "--name", "c1"], env)
+    assert "feature cache: computed" in first.stderr
+    cached = _epochs(first)
+    second = run([*tk, *base, "--name", "c2"], env)
+    assert "feature cache: using" in second.stderr
+    assert _epochs(second) == [dict(m, epoch_time=m2["epoch_time"],
+                                    images_per_s=m2["images_per_s"])
+                               for m, m2 in zip(cached, _epochs(second))]
+    plain = _epochs(run([*tk, *base, "--no-cache-features", "--name", "c3"], env))
+    for a, b in zip(cached, plain):
+        assert abs(a["val_acc"] - b["val_acc"]) <= 1 / 30 + 1e-9
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
+    # other data (a different dataset seed): the old entry is invalidated
+    third = run([*tk, *base, "--opt", "dataset.seed=9", "--name", "c4"], env)
+    assert "feature cache: invalidated" in third.stderr
+    files = list((tmp_path / "store" / "cache" / "features").glob("*.safetensors"))
+    assert len(files) == 1
