@@ -52,7 +52,7 @@ def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_pa
     assert ddp.stdout.count('"name"') == 1
     models = sorted(p.name for p in (tmp_path / "store" / "models").iterdir())
     assert models == ["ddp.safetensors", "single.safetensors"]  # one model from the DDP job
-    for a, b in zip(one["history"], two["history"]):
+    for a, b in zip(one["history"], two["history"], strict=True):
         assert b["val_samples"] == a["val_samples"] == 30.0  # the whole validation set
         # tolerance: float summation order differs; at most one validation image may flip
         assert abs(a["val_acc"] - b["val_acc"]) <= 1 / 30 + 1e-9
@@ -89,9 +89,9 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
     assert "feature cache: using" in second.stderr
     assert _epochs(second) == [dict(m, epoch_time=m2["epoch_time"],
                                     images_per_s=m2["images_per_s"])
-                               for m, m2 in zip(cached, _epochs(second))]
+                               for m, m2 in zip(cached, _epochs(second), strict=True)]
     plain = _epochs(run([*tk, *base, "--no-cache-features", "--name", "c3"], env))
-    for a, b in zip(cached, plain):
+    for a, b in zip(cached, plain, strict=True):
         assert abs(a["val_acc"] - b["val_acc"]) <= 1 / 30 + 1e-9
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
     # other data (a different dataset seed): the old entry is invalidated

@@ -153,13 +153,12 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     import torch
 
     from model_store import ModelStore
-    from toolkit import __version__
+    from toolkit import __version__, features
     from toolkit import distributed as D
-    from toolkit import features
     from toolkit.data import eval_transform, train_transform
     from toolkit.devices import check_precision, resolve_device
     from toolkit.pipeline import Classifier, ModelSpec, build_backbone, build_head, frozen_count
-    from toolkit.train import Trainer, TrainConfig, seed_everything
+    from toolkit.train import TrainConfig, Trainer, seed_everything
 
     args.check()
     dist = D.from_env()
@@ -280,7 +279,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
 
         trainer = Trainer(
             model, backbone, loss_fn, optimizer_factory, train_set, val_set, len(classes),
-            cfg, device, run_dir=run_dir if dist.is_main else None, dist=dist,
+            cfg, device, run_dir=run_dir, dist=dist,
             on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
             head_only=head_only, log=log)
         try:

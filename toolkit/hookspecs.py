@@ -17,7 +17,8 @@ which plugin owns each name; a name registered by two plugins is an error naming
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from toolkit.errors import AmbiguousNameError, TkError, UnknownNameError
 
