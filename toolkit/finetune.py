@@ -266,7 +266,9 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
             head_only = True
 
         training = {k: v for k, v in asdict(args).items() if k not in ("options",)}
-        training.update(options=args.options, backbone_lr_scale=lr_scale,
+        training.update(backbone=bb_c.qualified_name, head=head_c.qualified_name,
+                        loss=loss_c.qualified_name, optimizer=opt_c.qualified_name,
+                        options=args.options, backbone_lr_scale=lr_scale,
                         frozen_groups=frozen, layer_groups=n_groups, device=str(device),
                         world_size=dist.world_size, dataset=ds_c.qualified_name,
                         dataset_options=_jsonable(ds_opts), feature_cache=use_cache)

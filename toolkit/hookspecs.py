@@ -1,7 +1,7 @@
 """The plugin contract of tk.
 
 A plugin is any module (or object) with functions named after these hooks and marked with
-``toolkit.hookimpl``. Built-in plugins and third-party packages load the same way: through
+``toolkit.hookspecs.hookimpl``. Built-in plugins and third-party packages load the same way: through
 the entry-point group ``tk`` (or ``--plugin MODULE`` / ``TK_PLUGINS``).
 
 Registration hooks receive a ``register`` callback owned by the core::

@@ -152,7 +152,7 @@ class Plugins:
         if kind not in self._registries:
             reg = Registry(kind)
             caller = getattr(self.pm.hook, f"tk_register_{kind}")
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order (built-ins first)
                 owner = self.pm.get_name(impl.plugin) or "?"
 
                 def register(name: str, factory: Any, _owner: str = owner, **info: Any) -> None:
