@@ -16,7 +16,8 @@ came from).
 Weights: ``pretrained=False`` random; a path: that file (``.safetensors`` or ``.pth`` read
 with ``weights_only=True``); ``True``: the default weights entry (or option
 ``weights_tag``, e.g. ``IMAGENET1K_V2``), looked up first in ``$TORCH_HOME/hub/checkpoints``
-under the file name torchvision uses, then downloaded through torchvision's weights API;
+under the file name torchvision uses, then downloaded from the weights entry's URL into
+that file (torch.hub, checked against the hash prefix in the name, read without pickle);
 neither -> :class:`toolkit.errors.WeightsNotFoundError`. The sha256 of the file used is
 recorded. Other options go to the torchvision model constructor (``dropout``,
 ``stochastic_depth_prob``, ``image_size``... where the architecture accepts them).
@@ -234,6 +235,7 @@ def _legacy_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def _pretrained_weights(name: str, weights: Any) -> tuple[dict[str, Any], Any]:
     """Find the weights file of ``weights``: torch hub cache first, then a download."""
+    import re
     import socket
     from pathlib import Path
     from urllib.parse import urlparse
@@ -254,17 +256,24 @@ def _pretrained_weights(name: str, weights: Any) -> tuple[dict[str, Any], Any]:
         sd = read_state_dict(cached)
         source = "cache"
     else:
+        # what weights.get_state_dict() does, minus its unpickling and its stderr chatter:
+        # torch.hub's download into the same cache file, checked against the hash prefix
+        # in the file name
+        match = re.search(r"-([a-f0-9]+)\.", filename)
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
-            sd = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached),
+                                           hash_prefix=match.group(1) if match else None,
+                                           progress=False)
         except Exception as exc:
             raise WeightsNotFoundError(name, filename, weights.url, [str(cache_dir)]) from exc
         finally:
             socket.setdefaulttimeout(previous)
+        sd = read_state_dict(cached)
         source = "download"
-    sha = sha256_file(cached) if cached.is_file() else None
-    return sd, WeightsInfo(source, sha256=sha, file=str(cached), url=weights.url,
+    return sd, WeightsInfo(source, sha256=sha256_file(cached), file=str(cached), url=weights.url,
                            tag=weights.name)
 
 

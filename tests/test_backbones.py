@@ -18,7 +18,7 @@ from torch import nn
 
 from plugins import timm_backbones, torchvision_backbones
 from toolkit.backbone import INTERPOLATIONS, Backbone
-from toolkit.errors import TkError
+from toolkit.errors import TkError, WeightsNotFoundError
 from toolkit.layer_groups import check_layer_groups
 from toolkit.plugins import load_plugins
 
@@ -232,6 +232,42 @@ def test_pretrained_true_offline_fails_fast_and_clearly(tmp_path):
     assert "https://huggingface.co/timm/mobilenetv3_small_050.lamb_in1k" in timm_msg
     assert "tk store import-weights timm:mobilenetv3_small_050" in timm_msg
     assert not list((tmp_path / "torch").rglob("*.pth"))
+
+
+def test_torchvision_download_into_the_hub_cache(tmp_path, monkeypatch):
+    """The download path, with a file:// URL standing in for the server: the file lands in
+    $TORCH_HOME/hub/checkpoints, its hash prefix is checked, the source is "download"."""
+    import types
+
+    import torchvision.models as tvm
+
+    real = tvm.get_model_weights("mobilenet_v3_small").DEFAULT
+    server = tmp_path / "server"
+    server.mkdir()
+    state = _seeded_torchvision_state("mobilenet_v3_small")
+    torch.save(state, server / "blob.pth")
+    sha = _sha256(server / "blob.pth")
+    good = server / f"mnv3-{sha[:8]}.pth"
+    bad = server / "mnv3-00000000.pth"
+    for path in (good, bad):
+        path.write_bytes((server / "blob.pth").read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def entry(path: Path) -> types.SimpleNamespace:
+        return types.SimpleNamespace(url=path.as_uri(), name=real.name, meta=real.meta,
+                                     transforms=real.transforms)
+
+    monkeypatch.setattr(torchvision_backbones, "_pick_weights", lambda n, t: entry(good))
+    b = torchvision_backbones.build("mobilenet_v3_small", True)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / good.name
+    assert cached.is_file()
+    assert b.weights.source == "download" and b.weights.sha256 == sha
+    _state_equal(b.module, state)
+
+    monkeypatch.setattr(torchvision_backbones, "_pick_weights", lambda n, t: entry(bad))
+    with pytest.raises(WeightsNotFoundError, match=bad.name):
+        torchvision_backbones.build("mobilenet_v3_small", True)
+    assert not (cached.parent / bad.name).exists()
 
 
 def test_model_without_weights_asks_for_no_pretrained(monkeypatch):
