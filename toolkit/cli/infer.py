@@ -1,0 +1,127 @@
+"""`tk infer` (batch prediction) and `tk eval` (metrics on a labelled folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from toolkit.cli import cli, get_state
+from toolkit.cli.store import open_store, store_option
+
+_FORMATS = ("table", "csv", "jsonl", "json")
+_PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_DECODERS = ("pil", "draft", "torchvision")
+
+
+def _runtime_options(func: Any) -> Any:
+    """Options shared by `tk infer` and `tk eval`."""
+    options = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Images per forward pass."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto | cpu | cuda | cuda:N | mps."),
+        click.option("--precision", type=click.Choice(_PRECISIONS), default="32",
+                     show_default=True, help="Autocast precision of the forward pass."),
+        click.option("--channels-last", is_flag=True, help="channels_last memory format."),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="Decoding worker processes [min(4, CPU cores)]."),
+        click.option("--decode", type=click.Choice(_DECODERS), default="pil",
+                     show_default=True,
+                     help="pil: exact eval transform; draft: reduced-size decoding of large "
+                     "JPEGs (faster, pixels differ slightly); torchvision: JPEGs decoded on "
+                     "the model's device (nvJPEG on CUDA)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        store_option,
+        click.option("--model", metavar="NAME",
+                     help="Stored model [the newest one, named on stderr]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command("infer")
+@click.argument("inputs", nargs=-1, metavar="PATH...")
+@_runtime_options
+@click.option("--topk", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Classes per row (capped at the model's class count).")
+@click.option("--format", "fmt", type=click.Choice(_FORMATS),
+              help="Output format [from the -o extension (.jsonl .csv .json), else table].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write rows to FILE instead of stdout.")
+@click.option("--resume", is_flag=True,
+              help="With -o FILE (jsonl or csv): skip files already in FILE and append.")
+def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
+                  batch_size: int, topk: int, fmt: str | None, output: Path | None,
+                  resume: bool, device: str, precision: str, channels_last: bool,
+                  workers: int | None, decode: str, quiet: bool) -> None:
+    """Predict a class for every image under PATH... (files, folders, glob patterns).
+
+    \b
+    Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff
+    files (any case; hidden files skipped), in sorted order; files named explicitly are
+    always read. One row per file: data on stdout (or -o), progress and summary on stderr.
+    jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"}.
+    A file that cannot be read gets a row with "error" set; the run goes on.
+    Under `torchrun --nproc_per_node N -m toolkit infer ...` each process predicts a
+    share of the files and rank 0 writes one merged output, in input order.
+
+    \b
+    Exit status: 0 every file predicted; 1 some files could not be read (their rows
+    carry the error); 2 usage error (missing path, unknown model, bad option).
+    Under torchrun a completed run exits 0 (torchrun treats any other status as a
+    crash): count the rows with an error instead.
+    """
+    from toolkit.infer import InferArgs, run_infer
+
+    args = InferArgs(inputs=list(inputs), model=model,
+                     store=str(store_dir) if store_dir else None, batch_size=batch_size,
+                     topk=topk, format=fmt, output=str(output) if output else None,
+                     resume=resume, device=device, precision=precision,
+                     channels_last=channels_last, workers=workers, decode=decode, quiet=quiet)
+    summary = run_infer(args, get_state().plugins)
+    if summary.exit_code:
+        click.get_current_context().exit(summary.exit_code)
+
+
+@cli.command("eval")
+@_runtime_options
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Image folder with one sub-folder per class (named like the model's).")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the confusion matrix into this PNG file.")
+def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json: bool,
+                 png: Path | None, batch_size: int, device: str, precision: str,
+                 channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+    """Accuracy, per-class precision / recall / F1 and confusion matrix of a stored model
+    on a labelled image folder.
+
+    \b
+    Unreadable images are reported on stderr and left out of the metrics.
+    Exit status: 0 report written; 2 usage error (unknown model, class folders that
+    are not the model's classes, missing folder).
+    """
+    from toolkit.evaluate import evaluate, format_report
+    from toolkit.infer import choose_model
+
+    store = open_store(store_dir)
+    name = choose_model(store, model, lambda message: click.echo(f"tk: {message}", err=True))
+    loaded = store.load(name, plugins=get_state().plugins, device="cpu")
+    report = evaluate(loaded, data, batch_size=batch_size, device=device, precision=precision,
+                      channels_last=channels_last, workers=workers, decode=decode,
+                      progress=not quiet)
+    if png is not None:
+        from toolkit.plots import confusion_matrix
+
+        confusion_matrix(report.confusion, report.classes, png,
+                         title=f"{name}: accuracy {report.accuracy:.3f} "
+                               "(rows: true, columns: predicted)")
+        click.echo(f"tk: confusion matrix written to {png}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report))

@@ -1,0 +1,171 @@
+"""`tk eval`: accuracy, per-class precision / recall / F1 and the confusion matrix of a
+stored model on a labelled image folder.
+
+The folder holds one sub-folder per class, named like the model's classes (a sub-folder
+the model does not know is an error naming it; a model class without a folder just has no
+samples). Images are listed like `tk infer` lists them (:mod:`toolkit.discover`) and go
+through the same runner (:class:`toolkit.infer.Predictor`), so the numbers are those of the
+predictions `tk infer` would write. Files that cannot be read are counted, reported, and
+left out of the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit.discover import PathList, Warn, iter_images, warn_stderr
+from toolkit.errors import DataError
+
+if TYPE_CHECKING:
+    from model_store import LoadedModel
+
+
+@dataclass
+class ClassMetrics:
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int  # true samples of the class
+
+
+@dataclass
+class EvalReport:
+    model: str
+    data: str
+    classes: list[str]
+    total: int  # images evaluated (readable)
+    correct: int
+    accuracy: float
+    per_class: list[ClassMetrics]
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    confusion: list[list[int]]  # [true][predicted]
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def labelled_files(data: str | os.PathLike[str], classes: list[str], *,
+                   warn: Warn = warn_stderr) -> tuple[PathList, list[int]]:
+    """The images of a class-per-sub-folder tree and their label indices in ``classes``."""
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a folder (expected {root}/<class>/<images>)")
+    try:
+        folders = sorted(e.name for e in os.scandir(root)
+                         if not e.name.startswith(".") and e.is_dir())
+    except OSError as exc:
+        raise DataError(f"cannot read --data {root}: {exc.strerror or exc}") from None
+    if not folders:
+        raise DataError(f"--data {root}: no class sub-folders (expected {root}/<class>/<images>)")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise DataError(
+            f"--data {root}: class folder(s) {', '.join(unknown)} are not classes of the "
+            f"model (its classes: {', '.join(classes)})")
+    paths = PathList()
+    labels: list[int] = []
+    for name in folders:
+        for p in iter_images([str(root / name)], warn=warn):
+            paths.append(p)
+            labels.append(index[name])
+    if not len(paths):
+        raise DataError(f"--data {root}: no image files in its class folders")
+    return paths, labels
+
+
+def metrics(confusion: list[list[int]], classes: list[str]
+            ) -> tuple[list[ClassMetrics], float, float, float]:
+    """Per-class precision / recall / F1 from a ``[true][predicted]`` matrix, and their
+    macro averages over the classes that have samples or predictions (0 when undefined)."""
+    n = len(classes)
+    per: list[ClassMetrics] = []
+    for c in range(n):
+        tp = confusion[c][c]
+        support = sum(confusion[c])
+        predicted = sum(confusion[r][c] for r in range(n))
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per.append(ClassMetrics(classes[c], precision, recall, f1, support))
+    used = [m for c, m in enumerate(per)
+            if m.support or any(confusion[r][c] for r in range(n))]
+    k = len(used) or 1
+    return (per, sum(m.precision for m in used) / k, sum(m.recall for m in used) / k,
+            sum(m.f1 for m in used) / k)
+
+
+def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: int = 32,
+             device: Any = "auto", precision: str = "32", channels_last: bool = False,
+             workers: int | None = None, decode: str = "pil", warn: Warn = warn_stderr,
+             progress: bool = False) -> EvalReport:
+    """Evaluate ``loaded`` on the labelled folder ``data``."""
+    from toolkit.infer import Predictor
+
+    classes = list(loaded.classes)
+    paths, labels = labelled_files(data, classes, warn=warn)
+    predictor = Predictor(loaded, batch_size=batch_size, topk=1, device=device,
+                          precision=precision, channels_last=channels_last, workers=workers,
+                          decode=decode, warn=warn)
+    index = {c: i for i, c in enumerate(classes)}
+    n = len(classes)
+    confusion = [[0] * n for _ in range(n)]
+    failed: list[dict[str, str]] = []
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="file", file=sys.stderr, desc="eval",
+                   dynamic_ncols=True)
+    try:
+        for row in predictor.predict_paths(paths):
+            if bar is not None:
+                bar.update(1)
+            if row.error is not None:
+                failed.append({"path": str(row.path), "error": row.error})
+                warn(f"{row.path}: {row.error} (left out)")
+                continue
+            confusion[labels[row.index]][index[str(row.label)]] += 1
+    finally:
+        if bar is not None:
+            bar.close()
+    total = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(n))
+    per, mp, mr, mf = metrics(confusion, classes)
+    return EvalReport(model=loaded.name, data=str(data), classes=classes, total=total,
+                      correct=correct, accuracy=correct / total if total else 0.0,
+                      per_class=per, macro_precision=mp, macro_recall=mr, macro_f1=mf,
+                      confusion=confusion, failed=failed)
+
+
+def format_report(report: EvalReport) -> str:
+    """The text `tk eval` prints: accuracy, the per-class table, the confusion matrix."""
+    lines = [f"model: {report.model}   data: {report.data}",
+             f"images: {report.total}" + (f" ({len(report.failed)} unreadable, left out)"
+                                          if report.failed else ""),
+             f"accuracy: {report.accuracy:.4f} ({report.correct}/{report.total})", ""]
+    w = max([9, *(len(c) for c in report.classes)])
+    lines.append(f"{'class':<{w}}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}")
+    for m in report.per_class:
+        lines.append(f"{m.name:<{w}}  {m.precision:9.4f}  {m.recall:6.4f}  {m.f1:6.4f}  "
+                     f"{m.support:7d}")
+    lines.append(f"{'macro avg':<{w}}  {report.macro_precision:9.4f}  "
+                 f"{report.macro_recall:6.4f}  {report.macro_f1:6.4f}  {report.total:7d}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
+    cw = max([4, *(len(c) for c in report.classes),
+              *(len(str(v)) for row in report.confusion for v in row)])
+    lines.append(" " * w + "  " + "  ".join(f"{c:>{cw}}" for c in report.classes))
+    for c, row in zip(report.classes, report.confusion, strict=True):
+        lines.append(f"{c:<{w}}  " + "  ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
