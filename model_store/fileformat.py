@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import StoreError
+from toolkit.weights import sha256_file  # noqa: F401  (re-exported for the store)
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +33,6 @@ class DamagedFileError(StoreError):
     """A store file that cannot be trusted (truncated, edited, bit rot)."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(header: dict[str, Any]) -> bytes:

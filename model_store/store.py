@@ -20,8 +20,8 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path

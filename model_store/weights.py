@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from toolkit.errors import StoreError
 
@@ -15,14 +14,6 @@ if TYPE_CHECKING:
     import torch
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
-
-
-def _tensor_dict(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -53,34 +44,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    import torch
+    """Through :func:`toolkit.weights.read_state_dict` (``torch.load(weights_only=True)``,
+    wrappers unwrapped), its one-line errors turned into store errors."""
+    from toolkit.errors import TkError
+    from toolkit.weights import PickledObjectError, read_state_dict
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global ([\w.]+)", text)
-        if found:
-            raise StoreError(
-                f"refused to import {path}: it holds a pickled Python object "
-                f"({found.group(1)}), not only tensors (tk reads .pth files with "
-                "torch.load(weights_only=True); re-save it as a plain state dict or "
-                ".safetensors)") from exc
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-        why = " ".join((detail.group(1) if detail else text).split())[:200]
-        raise StoreError(f"cannot read {path}: not a weight file that "
-                         f"torch.load(weights_only=True) accepts ({why})") from exc
-    except Exception as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise StoreError(f"cannot read {path}: not a readable torch weight file ({msg})"
-                         ) from exc
-    if _tensor_dict(obj):
-        return dict(obj)
-    if isinstance(obj, dict):
-        for key in _WRAPPERS:
-            if _tensor_dict(obj.get(key)):
-                return dict(obj[key])
-    raise StoreError(f"{path} holds no state dict (expected a dict of tensor names to tensors, "
-                     f"found {type(obj).__name__})")
+        return read_state_dict(path)
+    except PickledObjectError as exc:
+        what = f" ({exc.global_name})" if exc.global_name else ""
+        raise StoreError(f"refused to import {path}: it holds a pickled Python object{what}, "
+                         "not only tensors (tk reads .pth files with "
+                         "torch.load(weights_only=True); re-save it as a plain state dict or "
+                         ".safetensors)") from None
+    except TkError as exc:
+        raise StoreError(str(exc)) from None

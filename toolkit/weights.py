@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -81,13 +82,24 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:
             msg = str(exc)
-            if "Weights only load failed" in msg and "Unsupported" in msg:
-                raise TkError(f"refusing to read weights file {p}: it holds pickled Python "
-                              "objects, not only tensors (re-save it as a plain state dict or "
-                              ".safetensors)") from None
+            found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global ([\w.]+)", msg)
+            if "Weights only load failed" in msg and found:
+                raise PickledObjectError(p, found.group(1) if found else None) from None
             raise TkError(f"cannot read weights file {p}: not a PyTorch or safetensors "
                           f"weights file, or it is damaged ({_one_line(exc, 120)})") from None
     return _unwrap(obj, p)
+
+
+class PickledObjectError(TkError):
+    """A ``.pth`` that holds pickled Python objects (code could run if unpickled): refused."""
+
+    def __init__(self, path: Path, global_name: str | None):
+        self.path, self.global_name = path, global_name
+        what = f" ({global_name})" if global_name else ""
+        super().__init__(f"refusing to read weights file {path}: it holds a pickled Python "
+                         f"object{what}, not only tensors (tk reads .pth files with "
+                         "torch.load(weights_only=True); re-save it as a plain state dict or "
+                         ".safetensors)")
 
 
 def _is_tensor_dict(obj: Any) -> bool:
