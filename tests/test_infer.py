@@ -263,6 +263,16 @@ def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, ra
         assert [lab for lab, _ in row.topk] == [loaded.classes[int(i)] for i in idx]
         assert [s for _, s in row.topk] == pytest.approx(values.tolist(), abs=1e-5)
 
+    # the workers' half of the transform plus the device's half: bit for bit the same
+    from toolkit.infer import SplitEvalTransform
+
+    split = SplitEvalTransform(transform)
+    for r in good:
+        img = load_image(r.path)
+        half = split.pil_stage(img)
+        assert half.dtype == torch.uint8
+        assert torch.equal(split.tensor_stage(half[None])[0], transform(img))
+
     tensor_rows = predict_tensors(loaded, x, topk=4, device="cpu")
     assert [(r.label, r.index) for r in tensor_rows] == [(r.label, i) for i, r in
                                                          enumerate(good)]

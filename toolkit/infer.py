@@ -16,7 +16,9 @@ How a file becomes a row:
 2. DataLoader workers decode each file with :func:`toolkit.images.load_image` (EXIF
    orientation, colour modes, size limit: the one decoding path of training too) and apply
    the model's eval transform (:func:`toolkit.data.eval_transform` of the stored
-   ``data_config``): the tensors are the ones validation used during training.
+   ``data_config``): the tensors are the ones validation used during training. The
+   transform is split (:class:`SplitEvalTransform`): workers resize and crop to ``uint8``,
+   the device scales and normalises the batch, bit for bit as the whole transform would.
 3. A sample carries its index through the collate function; a file that cannot be read
    becomes an error row at its own index and never enters the model, so no row can carry
    another file's prediction.
@@ -133,11 +135,54 @@ class InferenceDataset:
                 raw = _plain_jpeg_bytes(path)
                 if raw is not None:
                     return index, _RAW, raw
-            return index, _TENSOR, preprocess(path, self.transform, draft_size=self.draft_size)
+            return index, _TENSOR, self._tensor(path)
         except TkError as exc:
             return index, _ERROR, getattr(exc, "reason", None) or str(exc)
         except Exception as exc:  # a decoder bug must not end the run
             return index, _ERROR, f"cannot preprocess: {type(exc).__name__}: {exc}"
+
+
+    def _tensor(self, path: str) -> torch.Tensor:
+        from toolkit.images import load_image
+
+        img = load_image(path, draft_size=self.draft_size)
+        if isinstance(self.transform, SplitEvalTransform):
+            return self.transform.pil_stage(img)
+        return self.transform(img)
+
+
+class SplitEvalTransform:
+    """:class:`toolkit.data.EvalTransform` cut in two: in the workers, PIL image -> resized,
+    centre-cropped ``uint8 [3,H,W]`` (the same calls as the eval transform); on the device,
+    a batch -> ``float``, ``/ 255``, normalised. The same operations in the same order as
+    ``EvalTransform.__call__``, so the tensors are bit-identical, while workers hand over
+    and the host copies to the GPU a quarter of the bytes."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+        self.draft_size = transform.draft_size
+
+    def pil_stage(self, img: Any) -> torch.Tensor:
+        import numpy as np
+        import torch
+        from torchvision.transforms import functional as F
+
+        from toolkit.data import _interpolation
+
+        t = self.transform
+        size = [t.resize_size] if isinstance(t.resize_size, int) else list(t.resize_size)
+        img = F.resize(img, size, interpolation=_interpolation(t.interpolation),
+                       antialias=True)
+        img = F.center_crop(img, list(t.crop_size))
+        arr = np.array(img, dtype=np.uint8, copy=True)  # H, W, 3
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def tensor_stage(self, batch: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        x = batch.float().div_(255)
+        return F.normalize(x, list(self.transform.mean), list(self.transform.std),
+                           inplace=True)
 
 
 def preprocess(source: str | os.PathLike[str] | bytes, transform: Any, *,
@@ -218,7 +263,7 @@ class Predictor:
                  decode: str = "pil", warn: Warn = warn_stderr):
         import torch
 
-        from toolkit.data import eval_transform
+        from toolkit.data import EvalTransform, eval_transform
         from toolkit.devices import check_precision, resolve_device
 
         if int(batch_size) < 1:
@@ -238,6 +283,8 @@ class Predictor:
         self.channels_last = bool(channels_last)
         self.workers = default_workers() if workers is None else int(workers)
         self.transform = eval_transform(loaded.data_config)
+        self.split = (SplitEvalTransform(self.transform)
+                      if isinstance(self.transform, EvalTransform) else None)
         if decode == "torchvision" and loaded.data_config.interpolation not in \
                 _TENSOR_INTERPOLATIONS:
             warn(f"--decode torchvision: interpolation '{loaded.data_config.interpolation}' "
@@ -324,7 +371,10 @@ class Predictor:
         parts: list[torch.Tensor] = []
         positions: list[int] = []
         if batch["images"] is not None:
-            parts.append(to_device(batch["images"], self.device, self.channels_last))
+            x = to_device(batch["images"], self.device, self.channels_last)
+            if x.dtype == torch.uint8 and self.split is not None:
+                x = self.split.tensor_stage(x)
+            parts.append(x)
             positions += [p for p, k in enumerate(kinds) if k == _TENSOR]
         if batch["raw"]:
             raw_pos = [p for p, k in enumerate(kinds) if k == _RAW]
@@ -350,7 +400,7 @@ class Predictor:
 
         from toolkit.devices import pin_memory
 
-        dataset = InferenceDataset(paths, indices, self.transform, self.decode)
+        dataset = InferenceDataset(paths, indices, self.split or self.transform, self.decode)
         workers = min(self.workers, math.ceil(len(indices) / self.batch_size))
         kwargs: dict[str, Any] = {}
         if workers > 0:
