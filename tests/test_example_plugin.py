@@ -198,7 +198,7 @@ def test_tk_finetune_trains_with_all_its_components_together(venv: Venv, tmp_pat
     training = meta["training"]
     assert training["dataset"] == "textures:textures"
     assert training["dataset_options"]["per_class"] == 12
-    assert training["loss"] == "poly1"  # only the textures plugin has these two names
+    assert training["loss"] == "textures:poly1"  # recorded qualified, like the spec
     assert training["optimizer"] == "textures:lion"
     assert len(meta["metrics"]["history"]) == 2
     # pretrained is the default: the weights that ship inside the wheel were used
