@@ -109,8 +109,16 @@ def main(argv: list[str] | None = None) -> None:
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except _NO_ARGS_IS_HELP as exc:  # `tk` or `tk store` alone: the help text
         exc.show()
+        code = exc.exit_code
+    except click.UsageError as exc:  # one line, not click's usage block
+        where = exc.ctx.command_path if exc.ctx is not None else "tk"
+        click.echo(f"tk: error: {_one_line_text(exc.format_message())} "
+                   f"(see `{where} --help`)", err=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"tk: error: {_one_line_text(exc.format_message())}", err=True)
         code = exc.exit_code
     except click.exceptions.Abort:
         click.echo("tk: aborted", err=True)
@@ -138,4 +146,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return _one_line_text(str(exc)) or type(exc).__name__
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+# click >= 8.2 raises this (a UsageError) for a group called without a command
+_NO_ARGS_IS_HELP: type[BaseException] | tuple[()] = getattr(
+    click.exceptions, "NoArgsIsHelpError", ())

@@ -35,7 +35,7 @@ def plugins_command(as_json: bool, show_all: bool) -> None:
 
 
 @cli.command("list")
-@click.argument("kind", type=click.Choice(KINDS))
+@click.argument("kind", type=click.Choice(KINDS), metavar="KIND")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_command(kind: str, pattern: str | None, as_json: bool) -> None:
