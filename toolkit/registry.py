@@ -77,6 +77,8 @@ class Registry:
 
     @property
     def singular(self) -> str:
+        if self.kind.endswith("sses"):  # losses -> loss
+            return self.kind[:-2]
         return self.kind[:-1] if self.kind.endswith("s") else self.kind
 
     def register(self, owner: str, name: str, factory: Callable[..., Any], **info: Any) -> None:
