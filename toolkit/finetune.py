@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -59,8 +60,15 @@ class FinetuneArgs:
 
     def check(self) -> None:
         def positive(flag: str, value: Any) -> None:
-            if value is not None and value <= 0:
+            if value is not None and not value > 0:  # NaN is not positive either
                 raise TkError(f"{flag} must be positive, got {value}")
+
+        for flag, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                            ("--backbone-lr-scale", self.backbone_lr_scale),
+                            ("--warmup-epochs", self.warmup_epochs),
+                            ("--val-split", self.val_split)):
+            if value is not None and not math.isfinite(value):
+                raise TkError(f"{flag} must be a finite number, got {value}")
 
         positive("--epochs", self.epochs)
         positive("--batch-size", self.batch_size)
@@ -75,6 +83,8 @@ class FinetuneArgs:
             raise TkError("--backbone-lr-scale must not be negative")
         if not 0 < self.val_split < 1:
             raise TkError(f"--val-split must be between 0 and 1, got {self.val_split}")
+        if self.warmup_epochs < 0:
+            raise TkError(f"--warmup-epochs must not be negative, got {self.warmup_epochs}")
         if self.workers < 0:
             raise TkError("--workers must not be negative")
         if self.data and self.dataset:
@@ -150,20 +160,9 @@ def default_name(backbone: str, dataset: str) -> str:
 
 def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks)."""
-    import torch
-
-    from model_store import ModelStore
-    from toolkit import __version__, features
-    from toolkit import distributed as D
-    from toolkit.data import eval_transform, train_transform
-    from toolkit.devices import check_precision, resolve_device
-    from toolkit.pipeline import Classifier, ModelSpec, build_backbone, build_head, frozen_count
-    from toolkit.train import TrainConfig, Trainer, seed_everything
-
+    # options and component names are checked before torch is even imported: user errors
+    # come back at once
     args.check()
-    dist = D.from_env()
-    log = _logger(dist.is_main)
-
     # components and their options (unknown options fail before any work)
     reg = {kind: plugins.registry(kind) for kind in
            ("backbones", "heads", "losses", "optimizers", "datasets")}
@@ -178,6 +177,9 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     loss_c.check_options(args.options["loss"])
     opt_c.check_options(args.options["optimizer"], positional=3)
 
+    from model_store import ModelStore
+    from model_store.atomic import ensure_dir
+
     store = ModelStore(args.store)
     name = args.name or (default_name(bb_c.name, ds_c.name) if not args.resume else None)
     run_root = store.root / "runs"
@@ -188,6 +190,39 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
         raise TkError(f"model '{name}' already exists in {store.root}; "
                       "choose another --name or pass --overwrite")
     run_dir = run_root / name
+    ensure_dir(run_root, "model store")  # an unwritable store fails now, not after training
+
+    # data (listing files needs no torch either)
+    ds_opts = _with_accepted(ds_c, 0, {"num_classes": args.classes, "seed": args.seed},
+                             ds_opts)
+    ds_c.check_options(ds_opts)
+    source = ds_c.factory(**ds_opts)
+    classes = list(source.classes)
+    if args.classes is not None and len(classes) != args.classes:
+        raise DataError(f"--classes {args.classes} but the data has {len(classes)} classes"
+                        f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes, the data has {len(classes)}")
+
+    import torch
+
+    from toolkit import __version__, features
+    from toolkit import distributed as D
+    from toolkit.data import eval_transform, train_transform
+    from toolkit.devices import check_precision, resolve_device
+    from toolkit.pipeline import (
+        Classifier,
+        ModelSpec,
+        build_backbone,
+        build_head,
+        call_factory,
+        frozen_count,
+        param_groups,
+    )
+    from toolkit.train import TrainConfig, Trainer, seed_everything
+
+    dist = D.from_env()
+    log = _logger(dist.is_main)
 
     device = resolve_device(args.device)
     if dist.enabled and device.type == "cuda":
@@ -196,18 +231,6 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     precision = check_precision(args.precision, device)
     D.init(dist, device)
     try:
-        # data
-        ds_opts = _with_accepted(ds_c, 0, {"num_classes": args.classes, "seed": args.seed},
-                                 ds_opts)
-        ds_c.check_options(ds_opts)
-        source = ds_c.factory(**ds_opts)
-        classes = list(source.classes)
-        if args.classes is not None and len(classes) != args.classes:
-            raise DataError(f"--classes {args.classes} but the data has {len(classes)} classes"
-                            f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-        if len(classes) < 2:
-            raise DataError(f"need at least 2 classes, the data has {len(classes)}")
-
         # backbone with its weights, and the head (seeded: random init repeats exactly)
         seed_everything(args.seed)
         pretrained, weights_source = resolve_weights(args, bb_c.qualified_name, store)
@@ -231,8 +254,14 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
 
         loss_opts = _with_accepted(loss_c, 0, {"num_classes": len(classes)},
                                    args.options["loss"])
-        loss_fn = loss_c.factory(**loss_opts)
+        loss_fn = call_factory("loss", loss_c.name, loss_c.factory,
+                               options=args.options["loss"], **loss_opts)
         optimizer_factory = functools.partial(opt_c.factory, **args.options["optimizer"])
+        # a bad optimizer option value fails now, with one line, not when training starts
+        call_factory("optimizer", opt_c.name, optimizer_factory,
+                     param_groups(model, args.lr, args.weight_decay, lr_scale),
+                     options=args.options["optimizer"], lr=args.lr,
+                     weight_decay=args.weight_decay)
 
         use_cache = features.should_cache(args.cache_features, frozen == n_groups,
                                           args.augment, args.unfreeze_at)

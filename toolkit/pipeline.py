@@ -71,15 +71,31 @@ class ModelSpec:
         )
 
 
+def call_factory(kind: str, name: str, factory: Any, *args: Any, options: dict[str, Any],
+                 **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, where ``options`` are the user's own options among
+    ``kwargs`` (or already bound into ``factory``). A factory that rejects them (TypeError,
+    or ValueError / RuntimeError from a bad value such as ``--opt head.dropout=abc``)
+    becomes one :class:`TkError` line naming the component and the options; without user
+    options such an exception is a plugin bug and propagates."""
+    try:
+        return factory(*args, **kwargs)
+    except TkError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not options and not isinstance(exc, TypeError):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise TkError(f"{kind} '{name}': bad option{'s' if len(options) > 1 else ''}"
+                      f"{' ' + given if given else ''} ({why})") from None
+
+
 def build_backbone(plugins: Plugins, name: str, pretrained: Any, options: dict[str, Any]
                    ) -> Backbone:
     component = plugins.registry("backbones").resolve(name)
-    try:
-        backbone = component.factory(pretrained, **options)
-    except TkError:
-        raise
-    except TypeError as exc:
-        raise TkError(f"backbone '{name}': bad option ({exc})") from exc
+    backbone = call_factory("backbone", name, component.factory, pretrained, options=options,
+                            **options)
     if not isinstance(backbone, Backbone):
         raise TkError(f"backbone plugin '{component.owner}' returned {type(backbone).__name__}, "
                       "not a toolkit.backbone.Backbone")
@@ -90,10 +106,8 @@ def build_backbone(plugins: Plugins, name: str, pretrained: Any, options: dict[s
 def build_head(plugins: Plugins, name: str, num_features: int, num_classes: int,
                options: dict[str, Any]) -> nn.Module:
     component = plugins.registry("heads").resolve(name)
-    try:
-        return component.factory(num_features, num_classes, **options)
-    except TypeError as exc:
-        raise TkError(f"head '{name}': bad option ({exc})") from exc
+    return call_factory("head", name, component.factory, num_features, num_classes,
+                        options=options, **options)
 
 
 def build_classifier(plugins: Plugins, spec: ModelSpec, pretrained: Any = False
