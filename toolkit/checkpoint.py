@@ -3,8 +3,10 @@ into safetensors tensors plus a JSON skeleton, written atomically."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (temp file, fsync, rename)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise TkError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from None
     os.close(fd)
     try:
         # safetensors refuses tensors sharing memory; clone those that do
@@ -72,9 +77,33 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) or _is_write_failure(exc):
+            raise TkError(f"cannot write checkpoint {path}: {_os_reason(exc)} (the previous "
+                          "checkpoint, if any, is kept)") from None
         raise
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on device"
+        if exc.errno == errno.EFBIG:
+            return "file too large (file-size limit reached)"
+        return exc.strerror or str(exc)
+    code = re.search(r"\(os error (\d+)\)", str(exc))  # safetensors' wrapped OS error
+    if code:
+        number = int(code.group(1))
+        return _os_reason(OSError(number, os.strerror(number)))
+    return " ".join(str(exc).split())
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """safetensors reports a failed write as its own error type wrapping the OS error."""
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" and (
+        "No space left" in text or "File too large" in text or "os error" in text)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
