@@ -276,6 +276,7 @@ class ModelStore:
             from toolkit.plugins import load_plugins
 
             plugins = load_plugins()
+        _check_fit_on_meta(plugins, spec, tensors, name)
         try:
             model, _backbone = build_classifier(plugins, spec, pretrained=False)
         except TkError as exc:
@@ -598,9 +599,27 @@ def _damaged(name: str, path: Path, exc: Exception) -> StoreError:
                       "run `tk store verify`")
 
 
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str,
-                 spec: ModelSpec) -> None:
-    expected = model.state_dict()
+def _check_fit_on_meta(plugins: Plugins, spec: ModelSpec, tensors: dict[str, torch.Tensor],
+                       name: str) -> None:
+    """Build the architecture on torch's meta device (shapes only: no memory, no
+    initialisation) and check that the file's tensors fit it, before the real build
+    allocates anything: a hand-edited spec (say a backbone width of 20000) is refused here
+    instead of exhausting memory. A factory that cannot run on the meta device is left to
+    the real build and its own checks."""
+    import torch
+
+    from toolkit.pipeline import build_classifier
+
+    try:
+        with torch.device("meta"):
+            shapes, _ = build_classifier(plugins, spec, pretrained=False)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real build
+        return
+    _check_fit(shapes.state_dict(), tensors, name, spec)
+
+
+def _check_fit(expected: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+               name: str, spec: ModelSpec) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape)
@@ -614,6 +633,11 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str,
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")
         raise StoreError(f"model '{name}' does not fit its architecture "
                          f"({spec.backbone} + {spec.head}): {'; '.join(parts)}")
+
+
+def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str,
+                 spec: ModelSpec) -> None:
+    _check_fit(model.state_dict(), tensors, name, spec)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
