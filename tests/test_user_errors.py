@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_PLUGIN, save_colour_model, write_image
 
 REPO = Path(__file__).resolve().parents[1]
