@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,8 +163,10 @@ def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
         Image.MAX_IMAGE_PIXELS = limit  # our own check below is the one that counts
     try:
         img = Image.open(fp, formats=DECODE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"image too large, refused before decoding ({exc})") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own check (2x its limit) fired
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageDecodeError(name, _too_large(found.group(1) if found else "its", limit)
+                               ) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             name, "not an image, or not a supported format "
@@ -175,12 +178,7 @@ def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
     if width <= 0 or height <= 0:
         raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
     if width * height > limit:
-        raise ImageDecodeError(
-            name,
-            f"image too large: {width}x{height} = {width * height} pixels exceeds the "
-            f"limit of {limit} (possible decompression bomb; raise {MAX_PIXELS_ENV} to "
-            f"allow it), refused before decoding",
-        )
+        raise ImageDecodeError(name, _too_large(f"{width}x{height} = {width * height}", limit))
     fmt = img.format or "image"
     if draft_size and fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK"):
         try:
@@ -202,6 +200,11 @@ def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
     if orientation in _ORIENTATION_TRANSPOSE:
         rgb = rgb.transpose(getattr(Image.Transpose, _ORIENTATION_TRANSPOSE[orientation]))
     return rgb
+
+
+def _too_large(pixels: str, limit: int) -> str:
+    return (f"image too large: {pixels} pixels exceeds the limit of {limit} (possible "
+            f"decompression bomb; raise {MAX_PIXELS_ENV} to allow it), refused before decoding")
 
 
 def _describe(exc: BaseException) -> str:
