@@ -60,6 +60,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     skeleton = flatten(state, tensors)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # one writer per run folder: a temp file already here is a killed writer's
+        for stale in path.parent.glob(".ckpt-*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise TkError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from None
