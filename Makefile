@@ -19,7 +19,7 @@ setup: $(BIN)/tk
 demo: setup
 	TK_HOME=$(DEMO_DIR)/store $(BIN)/tk finetune --backbone resnet18 --classes 5 \
 	    --no-pretrained --epochs 5 --name demo --overwrite
-	$(BIN)/python examples/export_dataset.py shapes $(DEMO_DIR)/images --classes 5 --per-class 4
+	$(BIN)/python examples/export_dataset.py shapes $(DEMO_DIR)/images --classes 5 --per-class 4 --seed 2026
 	TK_HOME=$(DEMO_DIR)/store $(BIN)/tk infer $(DEMO_DIR)/images --model demo --format table
 
 test: setup
