@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -227,37 +228,53 @@ def hostile_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def hostile_runs(hostile_store: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, dict[tuple[str, str], subprocess.CompletedProcess]]:
+    """`tk infer`, `tk eval` and `tk store show` on every hostile model, run concurrently
+    from an empty working folder (where a payload that ran would leave 'pwned')."""
+    work = tmp_path_factory.mktemp("cwd")
+    env = _env(tmp_path_factory.mktemp("env"))
+    store = str(hostile_store / "store")
+    images = str(hostile_store / "img")
+    jobs: dict[tuple[str, str], list[str]] = {}
+    for name in HOSTILE_SPECS:
+        jobs[(name, "infer")] = ["--plugin", TINY_PLUGIN, "infer", images, "--model", name,
+                                 "--store", store]
+        jobs[(name, "eval")] = ["--plugin", TINY_PLUGIN, "eval", "--model", name, "--data",
+                                images, "--store", store]
+        jobs[(name, "show")] = ["store", "show", name, "--json", "--store", store]
+    jobs[("shell-classes", "infer")] = ["--plugin", TINY_PLUGIN, "infer", images, "--model",
+                                        "shell-classes", "--store", store, "--format", "jsonl"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = dict(zip(jobs, pool.map(lambda a: tk(a, env, work), jobs.values()),
+                        strict=True))
+    return work, done
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE_SPECS))
-def test_metadata_names_are_resolved_as_data_never_run(hostile_store: Path, name: str,
-                                                       tmp_path: Path) -> None:
-    root = hostile_store
-    store = str(root / "store")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    env = _env(tmp_path)
+def test_metadata_names_are_resolved_as_data_never_run(hostile_runs, hostile_store: Path,
+                                                       name: str) -> None:
+    work, runs = hostile_runs
     expected = HOSTILE_SPECS[name][1]
-    for args in (["infer", str(root / "img"), "--model", name],
-                 ["eval", "--model", name, "--data", str(root / "img")]):
-        proc = tk(["--plugin", TINY_PLUGIN, *args, "--store", store], env, work)
+    for command in ("infer", "eval"):
+        proc = runs[(name, command)]
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert lines[0].startswith(f"tk: error: cannot rebuild model '{name}'"), lines[0]
         assert expected in lines[0], lines[0]
-    shown = tk(["store", "show", name, "--json", "--store", store], env, work)
+    shown = runs[(name, "show")]
     assert shown.returncode == 0, shown.stderr
     spec = json.loads(shown.stdout)["spec"]  # printed back verbatim, as data
     for part, value in HOSTILE_SPECS[name][0].items():
         assert spec[part] == value
-    assert not (work / "pwned").exists() and not (root / "pwned").exists()
+    assert not (work / "pwned").exists() and not (hostile_store / "pwned").exists()
 
 
-def test_class_names_are_only_printed(hostile_store: Path, tmp_path: Path) -> None:
-    work = tmp_path / "cwd"
-    work.mkdir()
-    proc = tk(["--plugin", TINY_PLUGIN, "infer", str(hostile_store / "img"), "--model",
-               "shell-classes", "--store", str(hostile_store / "store"), "--format", "jsonl"],
-              _env(tmp_path), work)
+def test_class_names_are_only_printed(hostile_runs) -> None:
+    work, runs = hostile_runs
+    proc = runs[("shell-classes", "infer")]
     assert proc.returncode == 0, proc.stderr
     [row] = [json.loads(line) for line in proc.stdout.splitlines()]
     assert row["label"] == "$(mkdir pwned)" and row["error"] is None  # red: class 0
