@@ -22,6 +22,7 @@ one example takes longer than :data:`HANG_S`. Bounded memory: the pixel limit is
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import io
 import json
@@ -227,6 +228,7 @@ def _event(what: str) -> None:
 
 
 _TMP = Path(tempfile.mkdtemp(prefix="tk-fuzz-"))
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 @FUZZ
