@@ -69,10 +69,13 @@ def _plugins():
 
 
 def test_same_seed_same_metrics(env: dict[str, str], tmp_path: Path):
+    """Same seed twice, once in the main process and once with two (persistent) DataLoader
+    workers: augmentation is seeded per sample, so the runs are identical."""
     runs = []
-    for i in range(2):
+    for i, workers in enumerate(("0", "2")):
         proc = tk(["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
-                   "--no-pretrained", "--seed", "7", "--name", f"s{i}", "--json", *SMALL], env)
+                   "--no-pretrained", "--seed", "7", "--name", f"s{i}", "--json",
+                   "--workers", workers, *SMALL], env)
         hist = json.loads(proc.stdout)["history"]
         runs.append([{k: v for k, v in m.items() if k not in ("images_per_s", "epoch_time")}
                      for m in hist])

@@ -76,15 +76,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return obj
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
+class EpochSampler(torch.utils.data.Sampler[Any]):
     """Indices for one epoch: a permutation seeded by (seed, epoch) when shuffling, split
     across ranks. ``pad=True`` (training) repeats a few indices so every rank gets the same
     number of batches; ``pad=False`` (evaluation) gives each index to exactly one rank."""
 
     def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                 pad: bool = True):
+                 pad: bool = True, with_epoch: bool = False):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.with_epoch = with_epoch  # yield (index, epoch) for per-sample seeding
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,7 +102,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             order += order[:extra]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in self._indices()])
         return iter(self._indices())
 
     def __len__(self) -> int:

@@ -79,6 +79,32 @@ def _worker_init(worker_id: int) -> None:
         pass
 
 
+class SampleSeeded(torch.utils.data.Dataset):
+    """Items keyed ``(index, epoch)``: ``dataset[index]`` with every random number its
+    transform draws seeded by (seed, epoch, index). In the main process the global RNG
+    state is restored afterwards, so dropout and the rest of training are unaffected."""
+
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+        if torch.utils.data.get_worker_info() is None:
+            with torch.random.fork_rng(devices=[]):
+                state = random.getstate()
+                seed_everything(sample_seed)
+                try:
+                    return self.dataset[index]
+                finally:
+                    random.setstate(state)
+        seed_everything(sample_seed)
+        return self.dataset[index]
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 1% of the peak."""
     if warmup and step < warmup:
@@ -126,18 +152,23 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------
     def _loader(self, dataset: Any, train: bool) -> torch.utils.data.DataLoader:
-        sampler = D.EpochSampler(len(dataset), seed=self.cfg.seed, shuffle=train,
-                                 rank=self.dist.rank, world_size=self.dist.world_size, pad=train)
         workers = 0 if self.head_only else self.cfg.workers
+        # training samples carry their epoch: each one's augmentation is seeded by
+        # (seed, epoch, index), whichever worker draws it, so workers can stay alive across
+        # epochs and a resumed run still repeats exactly
+        seeded = train and not self.head_only
+        sampler = D.EpochSampler(len(dataset), seed=self.cfg.seed, shuffle=train,
+                                 rank=self.dist.rank, world_size=self.dist.world_size, pad=train,
+                                 with_epoch=seeded)
         return torch.utils.data.DataLoader(
-            dataset,
+            SampleSeeded(dataset, self.cfg.seed) if seeded else dataset,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
             num_workers=workers,
             pin_memory=pin_memory(self.device),
             drop_last=train and len(sampler) > self.cfg.batch_size,
             worker_init_fn=_worker_init if workers else None,
-            persistent_workers=False,  # fresh worker seeds each epoch: resumable exactly
+            persistent_workers=workers > 0,
         )
 
     def _trainable(self) -> nn.Module:
@@ -200,9 +231,6 @@ class Trainer:
             with autocast(self.device, self.cfg.precision):
                 logits = net(x)
             loss = self.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TkError(f"the loss became {loss.item()} at epoch {epoch}, step {i + 1}: "
-                              "lower --lr, or use --precision 32")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if self.cfg.grad_clip:
@@ -215,6 +243,10 @@ class Trainer:
             seen += n
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
+            if i % 16 == 15 or i + 1 == len(loader):  # one device sync per 16 steps
+                if not torch.isfinite(loss_sum):
+                    raise TkError(f"the loss became {loss_sum.item()} in epoch {epoch} (by step "
+                                  f"{i + 1}): lower --lr, or use --precision 32")
             if i % 10 == 0 and bar.n is not None and not bar.disable:
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
