@@ -84,8 +84,8 @@ def _check_data_config(dc: Any) -> None:
     _need(isinstance(dc, dict), "'data_config' is not an object")
     size = dc.get("input_size")
     _need(isinstance(size, list) and len(size) == 3
-          and all(_is_int(x) and 0 < x <= 65536 for x in size),
-          "'data_config.input_size' is not three positive integers")
+          and all(_is_int(x) and 0 < x <= 8192 for x in size),
+          "'data_config.input_size' is not three positive integers up to 8192")
     for key in ("mean", "std"):
         v = dc.get(key)
         _need(isinstance(v, list) and len(v) == 3 and all(_is_num(x) for x in v),

@@ -13,7 +13,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
-SMALL = ["--opt", "dataset.samples=120", "--opt", "dataset.image_size=32", "--batch-size", "16"]
+# CPU: exact repeatability is a CPU promise (cuDNN kernels are not deterministic)
+SMALL = ["--opt", "dataset.samples=120", "--opt", "dataset.image_size=32", "--batch-size", "16",
+         "--device", "cpu"]
 
 
 def tk(args: list[str], env: dict[str, str], check: bool = True,

@@ -744,6 +744,12 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         raise TkError(f"--resume works with --format jsonl or csv, not {fmt}")
     if args.output and os.path.isdir(args.output):
         raise TkError(f"-o {args.output}: is a directory")
+    if args.output:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise TkError(f"-o {args.output}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK):
+            raise TkError(f"-o {args.output}: {parent} is not writable")
 
     is_main = os.environ.get("RANK", "0") in ("", "0")
     log = _logger(is_main)
@@ -812,8 +818,11 @@ def _write_all(predictor: Predictor, paths: PathList, args: InferArgs, fmt: str,
     from tqdm import tqdm
 
     if args.output:
-        stream: IO[str] = open(args.output, "a" if append else "w",  # noqa: SIM115
-                               encoding="utf-8", newline="")
+        try:
+            stream: IO[str] = open(args.output, "a" if append else "w",  # noqa: SIM115
+                                   encoding="utf-8", newline="")
+        except OSError as exc:
+            raise TkError(f"-o {args.output}: cannot write ({exc.strerror})") from None
     else:
         stream = sys.stdout
     writer = WRITERS[fmt](stream, predictor.classes, predictor.topk)
