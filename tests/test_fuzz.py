@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "plugins_for_tests" / "tiny.py")
 HANG_S = 60  # one example running this long is a hang, not slowness
 PIXEL_LIMIT = 40_000  # TK_MAX_IMAGE_PIXELS while fuzzing: 200x200
-FUZZ = settings(max_examples=600, deadline=None, derandomize=False,
+FUZZ = settings(max_examples=600, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

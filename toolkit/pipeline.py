@@ -85,7 +85,8 @@ def call_factory(kind: str, name: str, factory: Any, *args: Any, options: dict[s
     except (TypeError, ValueError, RuntimeError) as exc:
         if not options and not isinstance(exc, TypeError):
             raise
-        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        given = ", ".join(f"{k if str(k).isidentifier() else repr(k)}={v!r}"
+                          for k, v in options.items())
         why = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise TkError(f"{kind} '{name}': bad option{'s' if len(options) > 1 else ''}"
                       f"{' ' + given if given else ''} ({why})") from None
