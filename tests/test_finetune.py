@@ -159,3 +159,14 @@ def test_imagefolder_data(env: dict[str, str], make_image_dir):
                "--val-split", "0.34"], env)
     result = json.loads(proc.stdout)
     assert result["history"][-1]["val_samples"] == 6.0  # stratified: 2 per class
+
+
+def test_resume_with_other_settings_is_a_user_error(env: dict[str, str]):
+    common = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "3",
+              "--no-pretrained", "--name", "moved", *SMALL]
+    killed = tk(["--plugin", KILLER, *common], {**env, "TK_TEST_KILL_AT": "2"}, check=False)
+    assert killed.returncode == -9
+    proc = tk([*common, "--head", "mlp", "--resume"], env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "made with other settings" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2  # the set-up line, then the error

@@ -99,3 +99,26 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
     assert "feature cache: invalidated" in third.stderr
     files = list((tmp_path / "store" / "cache" / "features").glob("*.safetensors"))
     assert len(files) == 1
+
+
+def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path, monkeypatch):
+    """A disk that refuses the cache (full, size limit) is not fatal and leaves no temp."""
+    import torch
+
+    from toolkit import features
+
+    class SafetensorError(Exception):  # what safetensors raises on a failed write
+        pass
+
+    def refuse(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: IoError(File too large (os error 27))")
+
+    monkeypatch.setattr(features, "save_file", refuse)
+    cache = tmp_path / "cache"
+    tensors = {"train_x": torch.zeros(2, 3)}
+    assert features._write(cache / "k.safetensors", tensors, cache, "slot", "k") is False
+    assert list(cache.iterdir()) == []
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert features._write(blocked / "k.safetensors", tensors, blocked / "c", "s", "k") is False

@@ -164,6 +164,9 @@ def _index(cache_dir: Path) -> dict[str, str]:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], cache_dir: Path, slot: str,
            key: str) -> bool:
+    """Write the cache entry and its index atomically; False (features kept in memory only)
+    when the disk refuses (full, file-size limit, read-only), with no temp file left."""
+    tmp: str | None = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".feat-", suffix=".tmp")
@@ -176,6 +179,12 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], cache_dir: Path, slot: 
         with os.fdopen(fd, "w") as f:
             json.dump(index, f, indent=1)
         os.replace(tmp, cache_dir / INDEX)
+        tmp = None
         return True
-    except OSError:
+    except Exception as exc:  # OSError, or safetensors' own error wrapping one
+        if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
+            raise
         return False
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

@@ -177,7 +177,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     loss_c.check_options(args.options["loss"])
     opt_c.check_options(args.options["optimizer"], positional=3)
 
-    from model_store import ModelStore
+    from model_store import ModelStore, check_name
     from model_store.atomic import ensure_dir
 
     store = ModelStore(args.store)
@@ -186,6 +186,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     if args.resume and name is None:
         name = _latest_run(run_root)
     assert name is not None
+    check_name(name)  # before training, whatever --overwrite / --resume say
     if not args.resume and not args.overwrite and store.model_path(name).is_file():
         raise TkError(f"model '{name}' already exists in {store.root}; "
                       "choose another --name or pass --overwrite")
@@ -286,7 +287,9 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
         if use_cache:
             train_set, val_set = features.cached_features(
                 backbone, data_config, (train_set, val_set),
-                key_parts={"dataset": ds_c.qualified_name, "options": ds_opts,
+                key_parts={"backbone": bb_c.qualified_name,
+                           "backbone_options": args.options["backbone"],
+                           "dataset": ds_c.qualified_name, "options": ds_opts,
                            "val_split": args.val_split, "seed": args.seed,
                            },
                 cache_dir=store.root / "cache" / "features", device=device,

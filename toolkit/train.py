@@ -322,9 +322,14 @@ class Trainer:
         n_frozen = self._frozen(1)
         start = 1
         if resume:
-            if ckpt is None or not ckpt.exists():
-                raise TkError(f"--resume: no checkpoint in {self.run_dir}")
-            saved = load_checkpoint(ckpt)
+            # rank 0 wrote the checkpoint; it reads it and hands it to the other ranks (their
+            # nodes may not share its disk)
+            saved = None
+            if self.dist.is_main:
+                if ckpt is None or not ckpt.exists():
+                    raise TkError(f"--resume: no checkpoint in {self.run_dir}")
+                saved = load_checkpoint(ckpt)
+            saved = D.broadcast_object(saved)
             state = saved["state"]
             start = int(state["epoch"]) + 1
             n_frozen = self._frozen(1)  # replay the freeze schedule up to the saved epoch
@@ -335,8 +340,14 @@ class Trainer:
                 self._unfreeze(opt, n_frozen, n_next)
                 n_frozen = n_next
         if resume:
-            self.model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
+            try:
+                self.model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                why = " ".join(str(exc).split())[:200]
+                raise TkError(f"--resume: the checkpoint in {self.run_dir} was made with other "
+                              "settings (backbone, head, classes, freezing or optimizer); resume "
+                              f"with the original command ({why})") from None
             if self.dist.is_main:
                 self.log(f"resuming after epoch {start - 1} of {cfg.epochs} from {ckpt}")
         scaler = grad_scaler(self.device, cfg.precision)
