@@ -122,3 +122,24 @@ def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path, mo
     blocked = tmp_path / "file"
     blocked.write_text("x")
     assert features._write(blocked / "k.safetensors", tensors, blocked / "c", "s", "k") is False
+
+
+def test_torchrun_feature_cache_is_computed_by_all_ranks_and_matches(env: dict[str, str],
+                                                                   tmp_path: Path):
+    """Under torchrun every rank computes a share of the features; the gathered cache is the
+    one a single process computes, so a later single-process run reuses it."""
+    args = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
+            "--no-pretrained", "--freeze", "all", "--no-augment", "--seed", "4",
+            "--opt", "dataset.samples=93", "--opt", "dataset.image_size=32", "--json"]
+    ddp = torchrun([*args, "--batch-size", "8", "--name", "dc"], env)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "feature cache: computed 93 feature vectors over 2 processes" in ddp.stderr
+    single = run([sys.executable, "-m", "toolkit", *args, "--batch-size", "16",
+                  "--name", "sc"], env)
+    assert single.returncode == 0, single.stderr
+    assert "feature cache: using" in single.stderr  # same key, same tensors
+    one = json.loads(single.stdout)["history"]
+    two = json.loads(ddp.stdout.strip().splitlines()[-1])["history"]
+    for a, b in zip(one, two, strict=True):
+        assert a["val_samples"] == b["val_samples"]
+        assert abs(a["val_acc"] - b["val_acc"]) <= 1 / a["val_samples"] + 1e-9

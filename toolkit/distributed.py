@@ -76,6 +76,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return obj
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 class EpochSampler(torch.utils.data.Sampler[Any]):
     """Indices for one epoch: a permutation seeded by (seed, epoch) when shuffling, split
     across ranks. ``pad=True`` (training) repeats a few indices so every rank gets the same

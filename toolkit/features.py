@@ -122,24 +122,51 @@ def cached_features(
                 log("feature cache: invalidated (backbone weights, data or transform changed);"
                     " recomputing")
                 (cache_dir / f"{old}.safetensors").unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            backbone.module.to(device)
-            tx, ty = compute_features(backbone.module, train, device=device,
-                                      precision=precision, batch_size=batch_size,
-                                      workers=workers)
-            vx, vy = compute_features(backbone.module, val, device=device,
-                                      precision=precision, batch_size=batch_size,
-                                      workers=workers)
-            tensors = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
+    hit = D.broadcast_object(tensors is not None)
+    if hit:
+        if dist.enabled:
+            tensors = D.broadcast_object(tensors)
+    else:
+        # every rank runs the backbone over its own share of the images; the shares are
+        # gathered back into input order on every rank
+        t0 = time.perf_counter()
+        backbone.module.to(device)
+        parts = {}
+        for split, dataset in (("train", train), ("val", val)):
+            share = torch.utils.data.Subset(
+                dataset, range(dist.rank, len(dataset), dist.world_size))
+            x, y = compute_features(backbone.module, share, device=device,
+                                    precision=precision, batch_size=batch_size,
+                                    workers=workers)
+            parts[f"{split}_x"], parts[f"{split}_y"] = _gather_in_order(x, y, len(dataset),
+                                                                        dist)
+        tensors = parts
+        if dist.is_main:
             stored = _write(path, tensors, cache_dir, slot, key)
-            log(f"feature cache: computed {len(tx) + len(vx)} feature vectors in "
-                f"{time.perf_counter() - t0:.1f}s" + (f", saved to {path}" if stored
-                                                      else " (kept in memory only)"))
-    if dist.enabled:
-        tensors = D.broadcast_object(tensors)
+            shared = f" over {dist.world_size} processes" if dist.enabled else ""
+            log(f"feature cache: computed {len(tensors['train_x']) + len(tensors['val_x'])} "
+                f"feature vectors{shared} in {time.perf_counter() - t0:.1f}s"
+                + (f", saved to {path}" if stored else " (kept in memory only)"))
     assert tensors is not None
     return (torch.utils.data.TensorDataset(tensors["train_x"], tensors["train_y"]),
             torch.utils.data.TensorDataset(tensors["val_x"], tensors["val_y"]))
+
+
+def _gather_in_order(x: torch.Tensor, y: torch.Tensor, n: int, dist: D.DistInfo
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r computed samples r, r+world, ...: put every rank's share back in order."""
+    if not dist.enabled:
+        return x, y
+    shares = D.all_gather_object((x, y))
+    width = next((sx.shape[1:] for sx, _ in shares if sx.numel()), x.shape[1:])
+    full_x = torch.empty((n, *width), dtype=torch.float32)
+    full_y = torch.empty(n, dtype=torch.long)
+    for rank, (sx, sy) in enumerate(shares):
+        if not len(sy):  # more ranks than samples
+            continue
+        full_x[rank::dist.world_size] = sx
+        full_y[rank::dist.world_size] = sy
+    return full_x, full_y
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
