@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolkit import distributed as D
+from toolkit.data import make_loader
 from toolkit.devices import autocast, pin_memory, to_device
 from toolkit.errors import TkError
 
@@ -68,8 +69,8 @@ def compute_features(module: torch.nn.Module, dataset: Any, *, device: torch.dev
                      precision: str, batch_size: int, workers: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     module.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, pin_memory=pin_memory(device))
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers,
+                         pin_memory=pin_memory(device))
     feats, labels = [], []
     for x, y in loader:
         with autocast(device, precision):

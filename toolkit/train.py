@@ -19,6 +19,7 @@ from torch import nn
 from toolkit import distributed as D
 from toolkit.backbone import Backbone
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.data import make_loader
 from toolkit.devices import autocast, grad_scaler, pin_memory, to_device
 from toolkit.errors import TkError
 from toolkit.pipeline import apply_freeze, frozen_at_epoch, param_groups, set_train_mode
@@ -64,17 +65,6 @@ def seed_everything(seed: int) -> None:
         import numpy as np
 
         np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
     except ImportError:  # pragma: no cover
         pass
 
@@ -160,15 +150,15 @@ class Trainer:
         sampler = D.EpochSampler(len(dataset), seed=self.cfg.seed, shuffle=train,
                                  rank=self.dist.rank, world_size=self.dist.world_size, pad=train,
                                  with_epoch=seeded)
-        return torch.utils.data.DataLoader(
+        return make_loader(
             SampleSeeded(dataset, self.cfg.seed) if seeded else dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            num_workers=workers,
+            self.cfg.batch_size,
+            shuffle=False,  # the sampler shuffles
+            workers=workers,
+            seed=self.cfg.seed,
             pin_memory=pin_memory(self.device),
             drop_last=train and len(sampler) > self.cfg.batch_size,
-            worker_init_fn=_worker_init if workers else None,
-            persistent_workers=workers > 0,
+            sampler=sampler,
         )
 
     def _trainable(self) -> nn.Module:
