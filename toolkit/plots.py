@@ -57,15 +57,11 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path,
 
 
 def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import tempfile
+    """Render to memory, then write atomically through the store's writer."""
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plot-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from model_store.atomic import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, [buf.getvalue()], "plot")
