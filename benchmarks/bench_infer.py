@@ -8,8 +8,8 @@ same batch size and the same number of decoding workers:
 - tutorial loop: ``torchvision.datasets.ImageFolder`` + PIL + ``transforms.Compose([Resize,
   CenterCrop, ToTensor, Normalize])`` + ``DataLoader`` + ``model(x).argmax(1)`` under
   ``torch.no_grad()``, as the tutorials write it;
-- tk, Python API: ``toolkit.infer.predict`` (default ``pil`` decoder: exact eval transform),
-  and again with ``decode="draft"`` (reduced-size JPEG decoding);
+- tk, Python API: ``toolkit.predict.runner.predict`` (default ``pil`` decoder: exact eval
+  transform), and again with ``decode="draft"`` (reduced-size JPEG decoding);
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
   end (its wall time includes starting Python, importing torch and loading the model).
 
@@ -75,8 +75,8 @@ def save_random_resnet18(store_dir: Path) -> str:
     import torch
 
     from model_store import ModelStore
-    from toolkit.pipeline import ModelSpec, build_classifier
-    from toolkit.plugins import load_plugins
+    from toolkit.model.assemble import ModelSpec, build_classifier
+    from toolkit.plugin.manager import load_plugins
 
     plugins = load_plugins()
     qualified = plugins.registry("backbones").resolve("resnet18").qualified_name
@@ -98,7 +98,7 @@ def timed(fn):
 
 
 def main() -> None:
-    from toolkit.infer import default_workers
+    from toolkit.predict.runner import default_workers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=200, help="images to generate [200]")
@@ -121,11 +121,11 @@ def main() -> None:
     from torchvision import transforms as T
 
     from model_store import ModelStore
-    from toolkit.data import eval_transform
+    from toolkit.data.decode import load_image
+    from toolkit.data.transforms import eval_transform
     from toolkit.devices import resolve_device
-    from toolkit.images import load_image
-    from toolkit.infer import predict
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
+    from toolkit.predict.runner import predict
 
     tmp = Path(tempfile.mkdtemp(prefix="tk-bench-infer-"))
     if opts.images_dir:

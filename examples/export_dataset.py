@@ -41,7 +41,7 @@ def export(dataset: str, out_dir: str | Path, *, classes: int | None = None,
     """Write up to ``per_class`` images of each class of ``dataset``'s ``split`` part to
     ``out_dir/<class>/``. Returns the number written per class."""
     from toolkit.errors import TkError
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
 
     if split not in ("train", "val"):
         raise TkError(f"--split must be train or val, got {split!r}")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from toolkit.errors import TkError
-    from toolkit.options import parse_value
+    from toolkit.train.config import parse_value
 
     try:
         options: dict[str, Any] = {}

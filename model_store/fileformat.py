@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import StoreError
-from toolkit.weights import sha256_file  # noqa: F401  (re-exported for the store)
+from toolkit.model.weights import sha256_file  # noqa: F401  (re-exported for the store)
 
 if TYPE_CHECKING:
     import torch

@@ -63,9 +63,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from toolkit.backbone import DataConfig
-    from toolkit.pipeline import ModelSpec
-    from toolkit.plugins import Plugins
+    from toolkit.model.assemble import ModelSpec
+    from toolkit.model.backbone import DataConfig
+    from toolkit.plugin.manager import Plugins
 
 SUFFIX = ".safetensors"
 WEIGHTS_META_KEY = "tk_weights"
@@ -244,8 +244,8 @@ class ModelStore:
              device: str | torch.device = "cpu") -> LoadedModel:
         """Rebuild the model (architecture from the plugin registry, weights from the file
         and its base, both checksum-verified) in eval mode on ``device``."""
-        from toolkit.backbone import DataConfig
-        from toolkit.pipeline import ModelSpec, build_classifier
+        from toolkit.model.assemble import ModelSpec, build_classifier
+        from toolkit.model.backbone import DataConfig
 
         path = self._existing(name)
         try:
@@ -273,7 +273,7 @@ class ModelStore:
         spec = ModelSpec.from_dict(meta["spec"])
         data_config = DataConfig.from_dict(meta["data_config"])
         if plugins is None:
-            from toolkit.plugins import load_plugins
+            from toolkit.plugin.manager import load_plugins
 
             plugins = load_plugins()
         _check_fit_on_meta(plugins, spec, tensors, name)
@@ -608,7 +608,7 @@ def _check_fit_on_meta(plugins: Plugins, spec: ModelSpec, tensors: dict[str, tor
     the real build and its own checks."""
     import torch
 
-    from toolkit.pipeline import build_classifier
+    from toolkit.model.assemble import build_classifier
 
     try:
         with torch.device("meta"):

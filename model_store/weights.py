@@ -44,10 +44,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    """Through :func:`toolkit.weights.read_state_dict` (``torch.load(weights_only=True)``,
+    """Through :func:`toolkit.model.weights.read_state_dict` (``torch.load(weights_only=True)``,
     wrappers unwrapped), its one-line errors turned into store errors."""
     from toolkit.errors import TkError
-    from toolkit.weights import PickledObjectError, read_state_dict
+    from toolkit.model.weights import PickledObjectError, read_state_dict
 
     try:
         return read_state_dict(path)

@@ -1,12 +1,12 @@
 """Built-in datasets: ``imagefolder``, ``csv`` (a manifest) and ``shapes`` (generated).
 
-Every factory returns a :class:`toolkit.data.DatasetSource`; its keyword arguments are
+Every factory returns a :class:`toolkit.data.datasets.DatasetSource`; its keyword arguments are
 its options (``path`` is ``--data``, ``num_classes`` is ``--classes``; ``None`` means "not
 given"), so the core can check option names against the signature.
 
 ``imagefolder`` (``path``, optional ``val_path``)
     One sub-folder per class (sorted names = class indices), images found recursively
-    inside it by extension (case-insensitive, see ``toolkit.images.IMAGE_EXTENSIONS``),
+    inside it by extension (case-insensitive, see ``toolkit.data.decode.IMAGE_EXTENSIONS``),
     hidden files and folders skipped, sorted order. A folder holding ``train/`` and
     ``val/`` (or ``valid/``, ``validation/``; ``test/`` is ignored) uses them as the two
     parts; so does ``val_path``; otherwise a seeded stratified split. A ``path`` that is a
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import DataError
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 
@@ -84,7 +84,7 @@ def _need_two(classes: list[str], where: str) -> None:
 
 
 class FileListSource:
-    """A :class:`toolkit.data.DatasetSource` over ``(path, label)`` lists.
+    """A :class:`toolkit.data.datasets.DatasetSource` over ``(path, label)`` lists.
 
     ``samples``: the main samples (the ones split when there is no explicit validation
     part); ``val_samples``: the explicit validation samples, or ``None``.
@@ -101,7 +101,7 @@ class FileListSource:
                       ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         if self.val_samples is not None:
             return list(self.samples), list(self.val_samples)
-        from toolkit.data import stratified_split
+        from toolkit.data.splits import stratified_split
 
         train_idx, val_idx = stratified_split([label for _, label in self.samples], val_split,
                                               seed, class_names=self.classes)
@@ -109,7 +109,7 @@ class FileListSource:
 
     def splits(self, train_transform: Any, eval_transform: Any, *, val_split: float,
                seed: int) -> tuple[Any, Any]:
-        from toolkit.data import ImageListDataset
+        from toolkit.data.datasets import ImageListDataset
 
         train, val = self.split_samples(val_split=val_split, seed=seed)
         return ImageListDataset(train, train_transform), ImageListDataset(val, eval_transform)
@@ -133,7 +133,7 @@ def _class_dirs(root: Path) -> list[str]:
 def _list_images(folder: Path) -> list[str]:
     """Image files under ``folder``, recursively, sorted, hidden entries skipped, symlinked
     folders followed once (loops ignored)."""
-    from toolkit.images import is_image_path
+    from toolkit.data.decode import is_image_path
 
     found: list[str] = []
     seen: set[tuple[int, int]] = set()
@@ -169,7 +169,7 @@ def _folder_samples(root: Path, classes: list[str] | None = None
                     ) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, samples) of a class-per-sub-folder tree. With ``classes`` given (the
     training classes), ``root``'s sub-folders must be among them."""
-    from toolkit.images import IMAGE_EXTENSIONS
+    from toolkit.data.decode import IMAGE_EXTENSIONS
 
     found = _class_dirs(root)
     if not found:
@@ -326,7 +326,7 @@ def _manifest_file(rel: str, base: Path, base_real: str, outside_ok: bool, where
 
 
 class ShapesSource:
-    """The embedded ``shapes`` dataset (a :class:`toolkit.data.DatasetSource`)."""
+    """The embedded ``shapes`` dataset (a :class:`toolkit.data.datasets.DatasetSource`)."""
 
     def __init__(self, num_classes: int, image_size: int, samples: int, seed: int | None):
         from plugins.shapes import KINDS
@@ -360,7 +360,7 @@ class ShapesSource:
 
     def splits(self, train_transform: Any, eval_transform: Any, *, val_split: float,
                seed: int) -> tuple[Any, Any]:
-        from toolkit.data import IndexedDataset
+        from toolkit.data.datasets import IndexedDataset
 
         train_idx, val_idx = self.split_indices(val_split=val_split, seed=seed)
         make = self.generator(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 def linear_head(num_features: int, num_classes: int, dropout: float = 0.0) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 def sgd(param_groups: list[dict], lr: float, weight_decay: float, momentum: float = 0.9,

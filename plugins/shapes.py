@@ -159,7 +159,8 @@ def render(kind: str, seed: int, index: int, size: int = 64) -> Any:
 
 
 class ShapesGenerator:
-    """Picklable ``make(i) -> (PIL image, label)`` for :class:`toolkit.data.IndexedDataset`."""
+    """Picklable ``make(i) -> (PIL image, label)`` for
+    :class:`toolkit.data.datasets.IndexedDataset`."""
 
     def __init__(self, num_classes: int, image_size: int, seed: int):
         self.kinds = KINDS[:num_classes]

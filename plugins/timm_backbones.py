@@ -30,12 +30,12 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import TkError
-from toolkit.hookspecs import Register, hookimpl
+from toolkit.plugin.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from toolkit.backbone import Backbone, DataConfig, WeightsInfo
+    from toolkit.model.backbone import Backbone, DataConfig, WeightsInfo
 
 OWNER = "timm"
 # set by tk (num_classes=0 gives the pooled features); not user options
@@ -82,9 +82,9 @@ def build(name: str, pretrained: Any = False, **options: Any) -> Backbone:
     """Build timm model ``name`` as a backbone (see the module docstring)."""
     import timm
 
-    from toolkit.backbone import Backbone, WeightsInfo
-    from toolkit.layer_groups import check_layer_groups
-    from toolkit.weights import sha256_file
+    from toolkit.model.backbone import Backbone, WeightsInfo
+    from toolkit.model.layer_groups import check_layer_groups
+    from toolkit.model.weights import sha256_file
 
     reserved = sorted(_RESERVED & set(options))
     if reserved:
@@ -125,7 +125,7 @@ def load_weights(model: nn.Module, name: str, path: str, cfg: Any) -> None:
     conversion (``checkpoint_filter_fn`` of its timm module) before giving up."""
     import sys
 
-    from toolkit.weights import load_into, read_state_dict
+    from toolkit.model.weights import load_into, read_state_dict
 
     state_dict = read_state_dict(path)
     classifiers = getattr(cfg, "classifier", None) or ()
@@ -171,9 +171,9 @@ def locate_weights(name: str, cfg: Any) -> tuple[str, WeightsInfo]:
 
     import torch
 
-    from toolkit.backbone import WeightsInfo
     from toolkit.errors import WeightsNotFoundError
-    from toolkit.weights import sha256_file
+    from toolkit.model.backbone import WeightsInfo
+    from toolkit.model.weights import sha256_file
 
     if not _has_weights(cfg):
         raise TkError(f"timm has no pretrained weights for '{name}'; use --no-pretrained for "
@@ -265,10 +265,10 @@ def _reachable(url: str) -> bool:
 
 
 def data_config(model: nn.Module) -> DataConfig:
-    """timm's resolved data config of ``model`` as a :class:`toolkit.backbone.DataConfig`."""
+    """timm's resolved data config of ``model`` as a :class:`toolkit.model.backbone.DataConfig`."""
     from timm.data import resolve_data_config
 
-    from toolkit.backbone import DataConfig
+    from toolkit.model.backbone import DataConfig
 
     dc = resolve_data_config({}, model=model)
     size = tuple(int(x) for x in dc.get("input_size", (3, 224, 224)))
@@ -283,9 +283,9 @@ def data_config(model: nn.Module) -> DataConfig:
 
 def layer_groups(model: nn.Module) -> list[nn.Module]:
     """The model's coarse timm parameter groups (stem, stages/blocks, final norm), each as a
-    :class:`toolkit.layer_groups.LayerGroup`; models without a group matcher: stages split
+    :class:`toolkit.model.layer_groups.LayerGroup`; models without a group matcher: stages split
     where the resolution drops."""
-    from toolkit.layer_groups import (
+    from toolkit.model.layer_groups import (
         groups_from_param_names,
         groups_from_units,
         has_params,

@@ -30,12 +30,12 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import TkError
-from toolkit.hookspecs import Register, hookimpl
+from toolkit.plugin.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from toolkit.backbone import Backbone, DataConfig
+    from toolkit.model.backbone import Backbone, DataConfig
 
 OWNER = "torchvision"
 # set by tk itself, never by options
@@ -87,8 +87,8 @@ def build(name: str, pretrained: Any = False, **options: Any) -> Backbone:
     """Build torchvision model ``name`` as a backbone (see the module docstring)."""
     import torchvision.models as tvm
 
-    from toolkit.backbone import Backbone, WeightsInfo
-    from toolkit.layer_groups import check_layer_groups
+    from toolkit.model.backbone import Backbone, WeightsInfo
+    from toolkit.model.layer_groups import check_layer_groups
 
     options = dict(options)
     tag = options.pop("weights_tag", None)
@@ -112,7 +112,7 @@ def build(name: str, pretrained: Any = False, **options: Any) -> Backbone:
     elif pretrained in (False, None):
         state_dict = None
     elif isinstance(pretrained, (str, os.PathLike)):
-        from toolkit.weights import read_state_dict, sha256_file
+        from toolkit.model.weights import read_state_dict, sha256_file
 
         path = os.fspath(pretrained)
         state_dict = read_state_dict(path)
@@ -123,7 +123,7 @@ def build(name: str, pretrained: Any = False, **options: Any) -> Backbone:
                       f"not {pretrained!r}")
 
     if state_dict is not None:
-        from toolkit.weights import load_into
+        from toolkit.model.weights import load_into
 
         state_dict = _legacy_keys(state_dict)
         what = f"for {OWNER}:{name}" + (f" from {info.file}" if info.file else "")
@@ -242,9 +242,9 @@ def _pretrained_weights(name: str, weights: Any) -> tuple[dict[str, Any], Any]:
 
     import torch
 
-    from toolkit.backbone import WeightsInfo
     from toolkit.errors import WeightsNotFoundError
-    from toolkit.weights import read_state_dict, sha256_file
+    from toolkit.model.backbone import WeightsInfo
+    from toolkit.model.weights import read_state_dict, sha256_file
 
     if weights is None:
         raise TkError(f"torchvision has no pretrained weights for '{name}'; "
@@ -280,7 +280,7 @@ def _pretrained_weights(name: str, weights: Any) -> tuple[dict[str, Any], Any]:
 def data_config(weights: Any) -> DataConfig:
     """The preprocessing of a weights entry's eval transforms (ImageNet 224 defaults when
     the model has none)."""
-    from toolkit.backbone import DataConfig
+    from toolkit.model.backbone import DataConfig
 
     if weights is None:
         return DataConfig()
@@ -308,7 +308,7 @@ def layer_groups(model: nn.Module, head_parent: str) -> list[nn.Module]:
     classifier layers (one group per fully-connected layer: alexnet/vgg fc6, fc7; the
     pre-logits layers of mobilenet_v3, convnext, maxvit). ViTs: patch embedding with class
     token and position embedding, the encoder blocks in four chunks, the final norm."""
-    from toolkit.layer_groups import (
+    from toolkit.model.layer_groups import (
         groups_from_units,
         has_params,
         sequential_units,
@@ -341,7 +341,7 @@ def _is_vit(model: nn.Module) -> bool:
 
 
 def _vit_groups(model: Any, chunks: int = 4) -> list[nn.Module]:
-    from toolkit.layer_groups import groups_from_param_names
+    from toolkit.model.layer_groups import groups_from_param_names
 
     names = [n for n, _ in model.named_parameters()]
     layers = [q for q, _ in model.encoder.layers.named_children()]

@@ -69,8 +69,8 @@ def save_colour_model(store_dir: Path, name: str = "colours") -> str:
     import torch
 
     from model_store import ModelStore
-    from toolkit.pipeline import ModelSpec, build_classifier
-    from toolkit.plugins import load_plugins
+    from toolkit.model.assemble import ModelSpec, build_classifier
+    from toolkit.plugin.manager import load_plugins
 
     plugins = load_plugins(modules=[TINY_PLUGIN], env={})
     spec = ModelSpec("tiny:tiny-cnn", 3, backbone_options={"width": 4})

@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from plugins import timm_backbones, torchvision_backbones
-from toolkit.backbone import INTERPOLATIONS, Backbone
 from toolkit.errors import TkError, WeightsNotFoundError
-from toolkit.layer_groups import check_layer_groups
-from toolkit.plugins import load_plugins
+from toolkit.model.backbone import INTERPOLATIONS, Backbone
+from toolkit.model.layer_groups import check_layer_groups
+from toolkit.plugin.manager import load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import TkError
-from toolkit.plugins import load_plugins
+from toolkit.plugin.manager import load_plugins
 
 TINY = str(Path(__file__).resolve().parent / "plugins_for_tests" / "tiny.py")
 
@@ -70,15 +70,9 @@ def test_optimizers_respect_group_lr_and_decay(plugins, name):
 
 
 def test_freezing_and_param_groups(plugins):
-    from toolkit.pipeline import (
-        ModelSpec,
-        apply_freeze,
-        build_classifier,
-        frozen_at_epoch,
-        frozen_count,
-        param_groups,
-        set_train_mode,
-    )
+    from toolkit.model.assemble import ModelSpec, build_classifier
+    from toolkit.model.freezing import apply_freeze, frozen_at_epoch, frozen_count, set_train_mode
+    from toolkit.train.optim import param_groups
 
     model, backbone = build_classifier(plugins, ModelSpec("tiny-cnn", 3))
     n = len(backbone.layer_groups)
@@ -104,7 +98,7 @@ def test_freezing_and_param_groups(plugins):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from toolkit.train import lr_factor
+    from toolkit.train.trainer import lr_factor
 
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
@@ -114,7 +108,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_opt_parsing_and_config(tmp_path: Path):
-    from toolkit.options import load_config, parse_opts
+    from toolkit.train.config import load_config, parse_opts
 
     opts = parse_opts(["head.hidden=512", "loss.class_weights=[1, 2]", "dataset.path=a b",
                        "optimizer.nesterov=false"])
@@ -136,7 +130,7 @@ def test_opt_parsing_and_config(tmp_path: Path):
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path: Path):
-    from toolkit.checkpoint import load_checkpoint, save_checkpoint
+    from toolkit.train.checkpoint import load_checkpoint, save_checkpoint
 
     model = nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

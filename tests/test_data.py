@@ -1,4 +1,4 @@
-"""toolkit.data: transforms, the stratified split, datasets and seeded loaders."""
+"""toolkit.data.datasets: transforms, the stratified split, datasets and seeded loaders."""
 
 from __future__ import annotations
 
@@ -11,19 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from toolkit.backbone import DataConfig
-from toolkit.data import (
-    EvalTransform,
-    ImageListDataset,
-    IndexedDataset,
-    TrainingImageError,
-    TrainTransform,
-    eval_transform,
-    make_loader,
-    stratified_split,
-    train_transform,
-)
+from toolkit.data.datasets import ImageListDataset, IndexedDataset, TrainingImageError
+from toolkit.data.loader import make_loader
+from toolkit.data.splits import stratified_split
+from toolkit.data.transforms import EvalTransform, TrainTransform, eval_transform, train_transform
 from toolkit.errors import DataError
+from toolkit.model.backbone import DataConfig
 
 CFG = DataConfig(input_size=(3, 32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
                  interpolation="bicubic", crop_pct=0.8)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.backbone import DataConfig
-from toolkit.data import DatasetSource, eval_transform, train_transform
+from toolkit.data.datasets import DatasetSource
+from toolkit.data.transforms import eval_transform, train_transform
 from toolkit.errors import DataError
-from toolkit.plugins import load_plugins
+from toolkit.model.backbone import DataConfig
+from toolkit.plugin.manager import load_plugins
 
 CFG = DataConfig(input_size=(3, 32, 32), crop_pct=1.0)
 EVAL = eval_transform(CFG)

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_PLUGIN, write_image
 
 from toolkit.errors import DataError
-from toolkit.evaluate import labelled_files, metrics
+from toolkit.predict.evaluate import labelled_files, metrics
 from toolkit.testing import isolated_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import hookspecs
+from toolkit.plugin import hookspecs
 from toolkit.testing import isolated_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def test_finetune_tiny_saves_model_plots_and_summary(env: dict[str, str], tmp_pa
 
 
 def _plugins():
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
 
     return load_plugins(modules=[TINY], env={})
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing (hypothesis) of the two readers of files from outside tk.
 
-1. :func:`toolkit.images.load_image` — the one decoding path of `tk infer`, `tk eval` and
+1. :func:`toolkit.data.decode.load_image` — the one decoding path of `tk infer`, `tk eval` and
    `tk finetune` — on mutated real image bytes: PNG, JPEG, GIF, WebP, BMP and TIFF files in
    several colour modes, written by Pillow, then bytes flipped, set, inserted, deleted,
    duplicated, header integers overwritten (PNG chunk CRCs optionally repaired so the edit
@@ -44,8 +44,8 @@ from PIL import Image
 
 from model_store import ModelStore
 from model_store.fileformat import seal, serialize
+from toolkit.data.decode import ImageDecodeError, load_image
 from toolkit.errors import TkError
-from toolkit.images import ImageDecodeError, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "plugins_for_tests" / "tiny.py")
@@ -273,7 +273,7 @@ def test_png_header_fields_with_valid_crc(name: str, width: int, height: int,
 
 @pytest.fixture(scope="module")
 def plugins():
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
 
     return load_plugins(modules=[TINY], env={})
 
@@ -283,7 +283,7 @@ def seed_store(plugins, tmp_path_factory) -> Path:
     """A store with one plain model ("full") and one on a shared base ("shared")."""
     import torch
 
-    from toolkit.pipeline import ModelSpec, build_classifier
+    from toolkit.model.assemble import ModelSpec, build_classifier
 
     root = tmp_path_factory.mktemp("seed-store")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""toolkit.images.load_image: every supported format to RGB, broken files and bombs refused."""
+"""toolkit.data.decode.load_image: every supported format to RGB, broken files and bombs refused."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from toolkit.errors import DataError, TkError
-from toolkit.images import (
+from toolkit.data.decode import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageDecodeError,
@@ -21,6 +20,7 @@ from toolkit.images import (
     load_image,
     max_image_pixels,
 )
+from toolkit.errors import DataError, TkError
 
 W, H = 20, 12  # non-square: a transposed result would show
 RED, BLUE = (220, 20, 20), (20, 20, 220)

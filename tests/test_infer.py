@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import TINY_PLUGIN, write_image
 
-from toolkit.discover import PathList, discover
+from toolkit.data.listing import PathList, discover
 from toolkit.errors import TkError
 from toolkit.testing import isolated_env
 
@@ -115,8 +115,8 @@ def jsonl(text: str) -> list[dict]:
 def random_model(tmp_path: Path) -> tuple[Path, str]:
     """A randomly initialised tiny-cnn model (no hand-set shortcuts) in a fresh store."""
     from model_store import ModelStore
-    from toolkit.pipeline import ModelSpec, build_classifier
-    from toolkit.plugins import load_plugins
+    from toolkit.model.assemble import ModelSpec, build_classifier
+    from toolkit.plugin.manager import load_plugins
 
     plugins = load_plugins(modules=[TINY_PLUGIN], env={})
     torch.manual_seed(3)
@@ -138,7 +138,7 @@ def random_model(tmp_path: Path) -> tuple[Path, str]:
 
 def load(store_dir: Path, name: str):
     from model_store import ModelStore
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
 
     return ModelStore(store_dir).load(name, plugins=load_plugins(modules=[TINY_PLUGIN],
                                                                   env={}))
@@ -183,8 +183,8 @@ def test_mixed_folder_gives_one_row_per_file(tmp_path, colour_model):
 
 def run_in_process(capsys, inputs, store_dir, **options):
     """``run_infer`` in this process: (summary, stdout, stderr)."""
-    from toolkit.infer import InferArgs, run_infer
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
+    from toolkit.predict.infer import InferArgs, run_infer
 
     args = InferArgs(inputs=[str(p) for p in inputs], store=str(store_dir), quiet=True,
                      workers=0, **options)
@@ -228,9 +228,9 @@ def test_csv_table_and_json_formats(tmp_path, colour_model, capsys):
 def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, random_model):
     """Same tensors (load_image + the eval transform of the stored data config) through
     ModelStore.load(name).model directly give the very rows the runner writes."""
-    from toolkit.data import eval_transform
-    from toolkit.images import load_image
-    from toolkit.infer import predict, predict_tensors
+    from toolkit.data.decode import load_image
+    from toolkit.data.transforms import eval_transform
+    from toolkit.predict.runner import predict, predict_tensors
 
     store_dir, name = random_model
     from PIL import Image
@@ -264,7 +264,7 @@ def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, ra
         assert [s for _, s in row.topk] == pytest.approx(values.tolist(), abs=1e-5)
 
     # the workers' half of the transform plus the device's half: bit for bit the same
-    from toolkit.infer import SplitEvalTransform
+    from toolkit.predict.runner import SplitEvalTransform
 
     split = SplitEvalTransform(transform)
     for r in good:
@@ -281,7 +281,7 @@ def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, ra
 
 def test_bad_files_never_take_another_files_prediction(tmp_path, colour_model):
     """Failures at every position of a batch: each valid file keeps its own label."""
-    from toolkit.infer import predict
+    from toolkit.predict.runner import predict
 
     store_dir, name = colour_model
     images = tmp_path / "images"
@@ -404,8 +404,13 @@ def test_torchrun_two_processes_merge_every_file_once(tmp_path, colour_model):
 def test_draft_and_torchvision_decoders_stay_close_to_the_exact_path(tmp_path, random_model):
     from PIL import Image
 
-    from toolkit.data import eval_transform
-    from toolkit.infer import Predictor, _plain_jpeg_bytes, _tensor_eval_transform, preprocess
+    from toolkit.data.transforms import eval_transform
+    from toolkit.predict.runner import (
+        Predictor,
+        _plain_jpeg_bytes,
+        _tensor_eval_transform,
+        preprocess,
+    )
 
     store_dir, name = random_model
     loaded = load(store_dir, name)

@@ -22,10 +22,10 @@ from typing import Any
 import click
 import pytest
 
-from toolkit import hookspecs
 from toolkit.errors import AmbiguousNameError, PluginError, UnknownNameError
-from toolkit.plugins import load_plugins
-from toolkit.registry import KINDS, Registry
+from toolkit.plugin import hookspecs
+from toolkit.plugin.manager import load_plugins
+from toolkit.plugin.registry import KINDS, Registry
 from toolkit.testing import fresh_plugins, isolated_env, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def unique(prefix: str) -> str:
 def backbone_plugin(name: str = "twin-net", *, extra: str = "", fallback: bool = False) -> str:
     """Source of a plugin module registering backbone ``name``."""
     return textwrap.dedent(f"""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         def factory(pretrained=False):
             return "built by " + __name__
@@ -220,7 +220,7 @@ def test_plugin_raising_in_registration_is_recorded_and_the_rest_works(site: Pat
 
 def test_plugin_with_a_misspelt_hook_argument_is_recorded(tmp_path: Path) -> None:
     path = write_module(tmp_path, "typo", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_backbones(registr):
@@ -233,7 +233,7 @@ def test_plugin_with_a_misspelt_hook_argument_is_recorded(tmp_path: Path) -> Non
 
 def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path) -> None:
     path = write_module(tmp_path, "misspelt", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_backbone(register):
@@ -262,7 +262,7 @@ def test_strict_makes_an_import_failure_fatal_naming_the_plugin(site: Path) -> N
 
 def test_strict_makes_a_registration_failure_fatal_naming_the_plugin(tmp_path: Path) -> None:
     path = write_module(tmp_path, "fails_late", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_losses(register):
@@ -474,7 +474,7 @@ def test_hookspecs_are_documented_in_their_docstrings() -> None:
 def test_a_failing_observer_warns_and_training_goes_on(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_module(tmp_path, "grumpy", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_epoch_end(epoch, metrics):
@@ -490,7 +490,7 @@ def test_a_failing_observer_warns_and_training_goes_on(
 
 def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> None:
     path = write_module(tmp_path, "nocmd", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_commands(cli):
@@ -504,7 +504,7 @@ def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> 
 def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
     path = write_module(tmp_path, "usurper", textwrap.dedent("""
         import click
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_commands(cli):
@@ -531,7 +531,7 @@ def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
 
 def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -> None:
     path = write_module(tmp_path, "lazy_fail", textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_heads(register):

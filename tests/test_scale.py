@@ -105,7 +105,7 @@ def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path, mo
     """A disk that refuses the cache (full, size limit) is not fatal and leaves no temp."""
     import torch
 
-    from toolkit import features
+    from toolkit.train import features
 
     class SafetensorError(Exception):  # what safetensors raises on a failed write
         pass

@@ -40,7 +40,7 @@ UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "sh
 # harmless names of the pickle module: exception classes (to catch them), nothing that loads
 PICKLE_HARMLESS = {"UnpicklingError", "PicklingError", "PickleError"}
 FORBIDDEN_BUILTINS = {"eval", "exec", "__import__"}
-IMPORT_BY_NAME_ALLOWED = {"toolkit/plugins.py"}
+IMPORT_BY_NAME_ALLOWED = {"toolkit/plugin/manager.py"}
 
 
 def _sources() -> list[Path]:
@@ -286,7 +286,7 @@ HUGE_WIDTH_CHILD = textwrap.dedent("""
     import torch
     from model_store import ModelStore
     from toolkit.errors import StoreError
-    from toolkit.plugins import load_plugins
+    from toolkit.plugin.manager import load_plugins
     plugins = load_plugins(modules=[sys.argv[2]], env={})
     store = ModelStore(sys.argv[1])
     store.load("colours", plugins=plugins)  # warm up: allocator, lazy imports

@@ -19,8 +19,8 @@ import torch
 from model_store import ModelStore, default_store_path
 from model_store.fileformat import seal, serialize
 from toolkit.errors import StoreError
-from toolkit.pipeline import Classifier, ModelSpec, build_classifier, build_head
-from toolkit.plugins import load_plugins
+from toolkit.model.assemble import Classifier, ModelSpec, build_classifier, build_head
+from toolkit.plugin.manager import load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "plugins_for_tests" / "tiny.py")
@@ -500,7 +500,7 @@ def test_full_disk_leaves_nothing_partial(store, plugins, monkeypatch):
 @pytest.fixture
 def tiny_backbone_state():
     torch.manual_seed(3)
-    from toolkit.plugins import _import
+    from toolkit.plugin.manager import _import
 
     module = _import(TINY)
     return module.tiny_cnn(False).module.state_dict()
@@ -608,14 +608,14 @@ class _AlexnetPlugin:
         import torchvision
         from torch import nn
 
-        from toolkit.backbone import Backbone, DataConfig
+        from toolkit.model.backbone import Backbone, DataConfig
 
         net = torchvision.models.alexnet(weights=None)
         net.classifier[6] = nn.Identity()
         return Backbone(module=net, num_features=4096, data_config=DataConfig(),
                         layer_groups=[net.features, net.classifier])
 
-    from toolkit.hookspecs import hookimpl
+    from toolkit.plugin.hookspecs import hookimpl
 
     @hookimpl
     def tk_register_backbones(self, register):
@@ -624,7 +624,7 @@ class _AlexnetPlugin:
 
 @pytest.mark.slow
 def test_alexnet_frozen_models_share_one_base(store, capsys):
-    from toolkit.plugins import PluginRecord
+    from toolkit.plugin.manager import PluginRecord
 
     plugins = load_plugins(modules=[], env={})
     plugins.add(_AlexnetPlugin(), PluginRecord("alexnet-test", "tests", "test"))

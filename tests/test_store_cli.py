@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model_store import ModelStore
-from toolkit.pipeline import ModelSpec, build_classifier
-from toolkit.plugins import load_plugins
+from toolkit.model.assemble import ModelSpec, build_classifier
+from toolkit.plugin.manager import load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "plugins_for_tests" / "tiny.py")
@@ -116,7 +116,7 @@ def test_default_store_is_tk_home(tmp_path):
 
 
 def test_import_weights(tmp_path):
-    from toolkit.plugins import _import
+    from toolkit.plugin.manager import _import
 
     torch.manual_seed(1)
     state = _import(TINY).tiny_cnn(False).module.state_dict()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import PluginError
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 from toolkit.testing import fresh_plugins, isolated_env, make_image_folder, run_tk, tiny_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_fresh_plugins_is_strict_by_default(tmp_path: Path) -> None:
 
     late = tmp_path / "fails_in_hook.py"
     late.write_text(textwrap.dedent("""
-        from toolkit.hookspecs import hookimpl
+        from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_losses(register):

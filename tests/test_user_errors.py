@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
     HAS_CUDA = False
 
 BUGGY_PLUGIN = '''
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 def broken(pretrained=False):

@@ -1,4 +1,4 @@
-"""toolkit.weights: hashing, reading weight files without pickle, strict loading."""
+"""toolkit.model.weights: hashing, reading weight files without pickle, strict loading."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from toolkit.errors import TkError
-from toolkit.weights import load_into, read_state_dict, sha256_file
+from toolkit.model.weights import load_into, read_state_dict, sha256_file
 
 
 def _model() -> nn.Module:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from toolkit.plugins import PluginRecord, Plugins, load_plugins
+from toolkit.plugin.manager import PluginRecord, Plugins, load_plugins
 
 __all__ = [
     "FinetuneRun",
@@ -47,7 +47,7 @@ __all__ = [
 
 # -- an isolated plugin manager --------------------------------------------------------------
 def fresh_plugins(*plugins: Any, builtins: bool = True, strict: bool = True) -> Plugins:
-    """A new :class:`toolkit.plugins.Plugins` holding the built-ins (unless
+    """A new :class:`toolkit.plugin.manager.Plugins` holding the built-ins (unless
     ``builtins=False``) and the given plugins, and nothing else that happens to be
     installed (no third-party entry points, no ``TK_PLUGINS``).
 

@@ -7,7 +7,7 @@ import os
 import signal
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 @hookimpl

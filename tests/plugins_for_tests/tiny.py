@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 def tiny_cnn(pretrained: Any = False, width: int = 8) -> Any:
@@ -19,8 +19,8 @@ def tiny_cnn(pretrained: Any = False, width: int = 8) -> Any:
 
     from torch import nn
 
-    from toolkit.backbone import Backbone, DataConfig, WeightsInfo
     from toolkit.errors import WeightsNotFoundError
+    from toolkit.model.backbone import Backbone, DataConfig, WeightsInfo
 
     width = int(width)
     stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())

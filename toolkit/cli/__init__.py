@@ -28,7 +28,7 @@ class State:
     @property
     def plugins(self) -> Any:
         if self._plugins is None:
-            from toolkit.plugins import load_plugins
+            from toolkit.plugin.manager import load_plugins
 
             self._plugins = load_plugins(self.plugin_modules)
         return self._plugins

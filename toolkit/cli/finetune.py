@@ -1,4 +1,4 @@
-"""`tk finetune`: options -> toolkit.finetune.FinetuneArgs -> toolkit.finetune.finetune."""
+"""`tk finetune`: options -> ``FinetuneArgs`` -> :func:`toolkit.train.finetune.finetune`."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def _freeze_value(value: str) -> str:
 def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bool,
                      **given: Any) -> None:
     """Fine-tune a pretrained backbone with a new head and save it to the model store."""
-    from toolkit.finetune import FinetuneArgs, finetune
-    from toolkit.options import COMPONENTS, load_config, parse_opts
+    from toolkit.train.config import COMPONENTS, load_config, parse_opts
+    from toolkit.train.finetune import FinetuneArgs, finetune
 
     values: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}

@@ -75,7 +75,7 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
     Under torchrun a completed run exits 0 (torchrun treats any other status as a
     crash): count the rows with an error instead.
     """
-    from toolkit.infer import InferArgs, run_infer
+    from toolkit.predict.infer import InferArgs, run_infer
 
     args = InferArgs(inputs=list(inputs), model=model,
                      store=str(store_dir) if store_dir else None, batch_size=batch_size,
@@ -105,8 +105,8 @@ def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json:
     Exit status: 0 report written; 2 usage error (unknown model, class folders that
     are not the model's classes, missing folder).
     """
-    from toolkit.evaluate import evaluate, format_report
-    from toolkit.infer import choose_model
+    from toolkit.predict.evaluate import evaluate, format_report
+    from toolkit.predict.infer import choose_model
 
     store = open_store(store_dir)
     name = choose_model(store, model, lambda message: click.echo(f"tk: {message}", err=True))

@@ -7,7 +7,7 @@ import json
 import click
 
 from toolkit.cli import cli, get_state
-from toolkit.registry import KINDS
+from toolkit.plugin.registry import KINDS
 
 
 @cli.command("plugins")

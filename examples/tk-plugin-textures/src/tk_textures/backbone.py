@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from toolkit.backbone import Backbone, DataConfig, WeightsInfo
 from toolkit.errors import TkError, WeightsNotFoundError
+from toolkit.model.backbone import Backbone, DataConfig, WeightsInfo
 
 NAME = "texture-cnn"
 PRETRAINED_WIDTH = 16

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 
 # -- factories ---------------------------------------------------------------------------

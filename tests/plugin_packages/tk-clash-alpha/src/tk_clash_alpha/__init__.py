@@ -3,7 +3,7 @@
 
 from typing import Any
 
-from toolkit.hookspecs import hookimpl
+from toolkit.plugin.hookspecs import hookimpl
 
 NUM_FEATURES = 8
 
@@ -11,7 +11,7 @@ NUM_FEATURES = 8
 def twin_net(pretrained: Any = False) -> Any:
     from torch import nn
 
-    from toolkit.backbone import Backbone, DataConfig
+    from toolkit.model.backbone import Backbone, DataConfig
 
     if pretrained:
         from toolkit.errors import TkError

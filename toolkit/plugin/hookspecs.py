@@ -1,8 +1,8 @@
 """The plugin contract of tk.
 
 A plugin is any module (or object) with functions named after these hooks and marked with
-``toolkit.hookspecs.hookimpl``. Built-in plugins and third-party packages load the same way: through
-the entry-point group ``tk`` (or ``--plugin MODULE`` / ``TK_PLUGINS``).
+``toolkit.plugin.hookspecs.hookimpl``. Built-in plugins and third-party packages load the
+same way: through the entry-point group ``tk`` (or ``--plugin MODULE`` / ``TK_PLUGINS``).
 
 Registration hooks receive a ``register`` callback owned by the core::
 
@@ -34,7 +34,7 @@ Register = Callable[..., None]
 def tk_register_backbones(register: Register) -> None:
     """Register image backbones.
 
-    Factory signature: ``factory(pretrained, **options) -> toolkit.backbone.Backbone``.
+    Factory signature: ``factory(pretrained, **options) -> toolkit.model.backbone.Backbone``.
 
     ``pretrained`` is ``False`` (random initialisation), ``True`` (find the weights the
     framework would use: its cache, then a download; raise
@@ -84,7 +84,7 @@ def tk_register_optimizers(register: Register) -> None:
 def tk_register_datasets(register: Register) -> None:
     """Register datasets.
 
-    Factory signature: ``factory(**options) -> toolkit.data.DatasetSource``, an object with
+    Factory signature: ``factory(**options) -> toolkit.data.datasets.DatasetSource``, an object with
 
     - ``classes``: list of class names (index = label),
     - ``splits(train_transform, eval_transform, *, val_split, seed)`` returning

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import DataError, TkError
-from toolkit.options import COMPONENTS
+from toolkit.train.config import COMPONENTS
 
 DEFAULT_DATASET = "shapes"
 
@@ -207,20 +207,21 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
 
     import torch
 
-    from toolkit import __version__, features
+    from toolkit import __version__
     from toolkit import distributed as D
-    from toolkit.data import eval_transform, train_transform
+    from toolkit.data.transforms import eval_transform, train_transform
     from toolkit.devices import check_precision, resolve_device
-    from toolkit.pipeline import (
+    from toolkit.model.assemble import (
         Classifier,
         ModelSpec,
         build_backbone,
         build_head,
         call_factory,
-        frozen_count,
-        param_groups,
     )
-    from toolkit.train import TrainConfig, Trainer, seed_everything
+    from toolkit.model.freezing import frozen_count
+    from toolkit.train import features
+    from toolkit.train.optim import param_groups
+    from toolkit.train.trainer import TrainConfig, Trainer, seed_everything
 
     dist = D.from_env()
     log = _logger(dist.is_main)

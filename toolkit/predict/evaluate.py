@@ -3,8 +3,8 @@ stored model on a labelled image folder.
 
 The folder holds one sub-folder per class, named like the model's classes (a sub-folder
 the model does not know is an error naming it; a model class without a folder just has no
-samples). Images are listed like `tk infer` lists them (:mod:`toolkit.discover`) and go
-through the same runner (:class:`toolkit.infer.Predictor`), so the numbers are those of the
+samples). Images are listed like `tk infer` lists them (:mod:`toolkit.data.listing`) and go
+through the same runner (:class:`toolkit.predict.runner.Predictor`), so the numbers are those of the
 predictions `tk infer` would write. Files that cannot be read are counted, reported, and
 left out of the metrics.
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.discover import PathList, Warn, iter_images, warn_stderr
+from toolkit.data.listing import PathList, Warn, iter_images, warn_stderr
 from toolkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
              workers: int | None = None, decode: str = "pil", warn: Warn = warn_stderr,
              progress: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
-    from toolkit.infer import Predictor
+    from toolkit.predict.runner import Predictor
 
     classes = list(loaded.classes)
     paths, labels = labelled_files(data, classes, warn=warn)

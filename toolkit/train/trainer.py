@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from toolkit import distributed as D
-from toolkit.backbone import Backbone
-from toolkit.checkpoint import load_checkpoint, save_checkpoint
-from toolkit.data import make_loader
+from toolkit.data.loader import make_loader
 from toolkit.devices import autocast, grad_scaler, pin_memory, to_device
 from toolkit.errors import TkError
-from toolkit.pipeline import apply_freeze, frozen_at_epoch, param_groups, set_train_mode
+from toolkit.model.backbone import Backbone
+from toolkit.model.freezing import apply_freeze, frozen_at_epoch, set_train_mode
+from toolkit.train.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.train.optim import param_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -104,7 +105,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 class Trainer:
-    """Trains ``model`` (a toolkit.pipeline Classifier over ``backbone``).
+    """Trains ``model`` (a toolkit.model.assemble Classifier over ``backbone``).
 
     ``optimizer_factory(param_groups, lr, weight_decay) -> Optimizer`` comes from the
     optimizer registry with its options bound. When ``features`` is given (frozen-backbone

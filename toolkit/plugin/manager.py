@@ -29,9 +29,9 @@ from typing import Any
 
 import pluggy
 
-from toolkit import hookspecs
 from toolkit.errors import PluginError
-from toolkit.registry import KINDS, Registry
+from toolkit.plugin import hookspecs
+from toolkit.plugin.registry import KINDS, Registry
 
 BUILTIN_DISTRIBUTION = "tk-microtoolkit"
 ENTRY_POINT_GROUP = "tk"

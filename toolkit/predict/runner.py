@@ -2,7 +2,7 @@
 
 ```python
 from model_store import ModelStore
-from toolkit.infer import predict, predict_tensors
+from toolkit.predict.runner import predict, predict_tensors
 
 loaded = ModelStore().load("my-model")
 for row in predict(loaded, ["photos/", "more/*.jpg"], batch_size=64, topk=3):
@@ -12,10 +12,10 @@ rows = predict_tensors(loaded, images)                     # images: [N,3,H,W] p
 
 How a file becomes a row:
 
-1. :mod:`toolkit.discover` lists the inputs (sorted, deduplicated, hidden files skipped).
-2. DataLoader workers decode each file with :func:`toolkit.images.load_image` (EXIF
+1. :mod:`toolkit.data.listing` lists the inputs (sorted, deduplicated, hidden files skipped).
+2. DataLoader workers decode each file with :func:`toolkit.data.decode.load_image` (EXIF
    orientation, colour modes, size limit: the one decoding path of training too) and apply
-   the model's eval transform (:func:`toolkit.data.eval_transform` of the stored
+   the model's eval transform (:func:`toolkit.data.transforms.eval_transform` of the stored
    ``data_config``): the tensors are the ones validation used during training. The
    transform is split (:class:`SplitEvalTransform`): workers resize and crop to ``uint8``,
    the device scales and normalises the batch, bit for bit as the whole transform would.
@@ -45,20 +45,15 @@ must still iterate to the end).
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import os
 import stat
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from toolkit.discover import PathList, Warn, discover, warn_stderr
+from toolkit.data.listing import PathList, Warn, discover, warn_stderr
 from toolkit.errors import TkError
 
 if TYPE_CHECKING:
@@ -67,7 +62,10 @@ if TYPE_CHECKING:
     from model_store import LoadedModel
 
 DECODERS = ("pil", "draft", "torchvision")
-FORMATS = ("table", "csv", "jsonl", "json")
+
+
+
+
 _TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 # sample kinds inside a collated batch
@@ -105,9 +103,6 @@ class Prediction:
                 "error": self.error}
 
 
-# -- data ------------------------------------------------------------------------------
-
-
 class InferenceDataset:
     """``(index, kind, payload)`` for the files ``paths[i]``, ``i`` in ``indices``.
 
@@ -143,7 +138,7 @@ class InferenceDataset:
 
 
     def _tensor(self, path: str) -> torch.Tensor:
-        from toolkit.images import load_image
+        from toolkit.data.decode import load_image
 
         img = load_image(path, draft_size=self.draft_size)
         if isinstance(self.transform, SplitEvalTransform):
@@ -152,11 +147,12 @@ class InferenceDataset:
 
 
 class SplitEvalTransform:
-    """:class:`toolkit.data.EvalTransform` cut in two: in the workers, PIL image -> resized,
-    centre-cropped ``uint8 [3,H,W]`` (the same calls as the eval transform); on the device,
-    a batch -> ``float``, ``/ 255``, normalised. The same operations in the same order as
-    ``EvalTransform.__call__``, so the tensors are bit-identical, while workers hand over
-    and the host copies to the GPU a quarter of the bytes."""
+    """:class:`toolkit.data.transforms.EvalTransform` cut in two: in the workers, PIL
+    image -> resized, centre-cropped ``uint8 [3,H,W]`` (the same calls as the eval
+    transform); on the device, a batch -> ``float``, ``/ 255``, normalised. The same
+    operations in the same order as ``EvalTransform.__call__``, so the tensors are
+    bit-identical, while workers hand over and the host copies to the GPU a quarter of the
+    bytes."""
 
     def __init__(self, transform: Any):
         self.transform = transform
@@ -167,7 +163,7 @@ class SplitEvalTransform:
         import torch
         from torchvision.transforms import functional as F
 
-        from toolkit.data import _interpolation
+        from toolkit.data.transforms import _interpolation
 
         t = self.transform
         size = [t.resize_size] if isinstance(t.resize_size, int) else list(t.resize_size)
@@ -189,13 +185,13 @@ def preprocess(source: str | os.PathLike[str] | bytes, transform: Any, *,
                draft_size: int | None = None) -> torch.Tensor:
     """``transform(load_image(source))``: the exact tensor a file gives (``pil`` decoder;
     with ``draft_size`` the ``draft`` one). Raises ``ImageDecodeError``."""
-    from toolkit.images import load_image
+    from toolkit.data.decode import load_image
 
     return transform(load_image(source, draft_size=draft_size))
 
 
 def _check_regular(path: str) -> None:
-    from toolkit.images import ImageDecodeError
+    from toolkit.data.decode import ImageDecodeError
 
     try:
         st = os.stat(path)
@@ -209,11 +205,11 @@ def _check_regular(path: str) -> None:
 
 def _plain_jpeg_bytes(path: str) -> Any:
     """The file's bytes as a uint8 tensor when torchvision can decode it exactly like
-    :func:`toolkit.images.load_image` would (baseline RGB / grey JPEG, no EXIF rotation,
+    :func:`toolkit.data.decode.load_image` would (baseline RGB / grey JPEG, no EXIF rotation,
     within the pixel limit); ``None`` otherwise (the PIL path then handles it)."""
     import torch
 
-    from toolkit.images import max_image_pixels
+    from toolkit.data.decode import max_image_pixels
 
     with open(path, "rb") as fh:
         data = fh.read()
@@ -249,9 +245,6 @@ def collate(items: list[tuple[int, int, Any]]) -> dict[str, Any]:
     }
 
 
-# -- prediction ------------------------------------------------------------------------
-
-
 class Predictor:
     """A loaded model on a device, ready to predict files or tensors.
 
@@ -263,7 +256,7 @@ class Predictor:
                  decode: str = "pil", warn: Warn = warn_stderr):
         import torch
 
-        from toolkit.data import EvalTransform, eval_transform
+        from toolkit.data.transforms import EvalTransform, eval_transform
         from toolkit.devices import check_precision, resolve_device
 
         if int(batch_size) < 1:
@@ -493,7 +486,7 @@ def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any],
             channels_last: bool = False, workers: int | None = None, decode: str = "pil",
             warn: Warn = warn_stderr) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
-    :mod:`toolkit.discover`), in input order. Bad files give rows with ``error`` set."""
+    :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
     paths = inputs if isinstance(inputs, PathList) else discover(
         inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs), warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
@@ -509,337 +502,3 @@ def predict_tensors(loaded: LoadedModel, images: torch.Tensor, *, topk: int = 1,
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=0)
     return predictor.predict_tensors(images)
-
-
-# -- output ----------------------------------------------------------------------------
-
-
-class RowWriter:
-    """Writes rows to a text stream as they come, flushing each."""
-
-    def __init__(self, stream: IO[str], classes: Sequence[str], topk: int):
-        self.stream = stream
-        self.classes = list(classes)
-        self.topk = topk
-
-    def begin(self, *, append: bool = False) -> None:  # noqa: B027 - optional hook
-        pass
-
-    def write(self, row: Prediction) -> None:
-        raise NotImplementedError
-
-    def end(self) -> None:
-        self.stream.flush()
-
-
-class JsonlWriter(RowWriter):
-    def write(self, row: Prediction) -> None:
-        self.stream.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-        self.stream.flush()
-
-
-class JsonWriter(RowWriter):
-    """A JSON array, streamed: ``[`` first, one row per line, ``]`` at the end."""
-
-    def begin(self, *, append: bool = False) -> None:
-        self.stream.write("[")
-        self.first = True
-
-    def write(self, row: Prediction) -> None:
-        self.stream.write(("\n" if self.first else ",\n")
-                          + json.dumps(row.to_dict(), ensure_ascii=False))
-        self.first = False
-        self.stream.flush()
-
-    def end(self) -> None:
-        self.stream.write("\n]\n" if not self.first else "]\n")
-        self.stream.flush()
-
-
-def csv_header(topk: int) -> list[str]:
-    """``path,label,score`` then ``label_2,score_2``... up to ``topk``, then ``error``."""
-    cols = ["path", "label", "score"]
-    for k in range(2, topk + 1):
-        cols += [f"label_{k}", f"score_{k}"]
-    return [*cols, "error"]
-
-
-class CsvWriter(RowWriter):
-    def begin(self, *, append: bool = False) -> None:
-        self.csv = csv.writer(self.stream, lineterminator="\n")
-        if not append:
-            self.csv.writerow(csv_header(self.topk))
-            self.stream.flush()
-
-    def write(self, row: Prediction) -> None:
-        cells: list[Any] = [row.path, row.label or "", "" if row.score is None else row.score]
-        for k in range(1, self.topk):
-            if k < len(row.topk):
-                cells += [row.topk[k][0], row.topk[k][1]]
-            else:
-                cells += ["", ""]
-        self.csv.writerow([*cells, row.error or ""])
-        self.stream.flush()
-
-
-class TableWriter(RowWriter):
-    """For people: ``LABEL  SCORE  PATH`` (errors: ``ERROR  -  PATH  reason``)."""
-
-    def begin(self, *, append: bool = False) -> None:
-        self.width = max([5, *(len(c) for c in self.classes)])
-        if not append:
-            self.stream.write(f"{'LABEL':<{self.width}}  {'SCORE':>6}  PATH\n")
-            self.stream.flush()
-
-    def write(self, row: Prediction) -> None:
-        if row.error is not None:
-            line = f"{'ERROR':<{self.width}}  {'-':>6}  {row.path}  ({row.error})"
-        else:
-            line = f"{row.label:<{self.width}}  {row.score:6.4f}  {row.path}"
-            if len(row.topk) > 1:
-                line += "  | " + ", ".join(f"{lab} {s:.4f}" for lab, s in row.topk[1:])
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-WRITERS: dict[str, type[RowWriter]] = {"table": TableWriter, "csv": CsvWriter,
-                                       "jsonl": JsonlWriter, "json": JsonWriter}
-
-
-def format_for_path(path: str | os.PathLike[str] | None) -> str:
-    """The output format an ``-o`` file's extension implies (``table`` otherwise)."""
-    if path is None:
-        return "table"
-    suffix = Path(path).suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json"
-            }.get(suffix, "table")
-
-
-def _key(path: str) -> str:
-    return os.path.abspath(path)
-
-
-def done_paths(output: str | os.PathLike[str], fmt: str, topk: int) -> set[str]:
-    """Absolute paths of the files that already have a row in ``output`` (jsonl / csv).
-    An incomplete last line (an interrupted write) is ignored."""
-    if fmt not in ("jsonl", "csv"):
-        raise TkError(f"--resume needs --format jsonl or csv (not {fmt})")
-    try:
-        with open(output, encoding="utf-8", newline="") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        return set()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TkError(f"--resume: cannot read {output}: {exc}") from None
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    done: set[str] = set()
-    if fmt == "jsonl":
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("path"), str):
-                done.add(_key(row["path"]))
-        return done
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None:
-        return done
-    if header != csv_header(topk):
-        raise TkError(f"--resume: {output} has the columns {','.join(header)}, not those of "
-                      f"this run ({','.join(csv_header(topk))}); same --topk?")
-    for cells in reader:
-        if cells:
-            done.add(_key(cells[0]))
-    return done
-
-
-def repair_tail(output: str | os.PathLike[str]) -> bool:
-    """Cut an incomplete last line (from an interrupted run) off ``output``; whether the
-    file has content left."""
-    try:
-        with open(output, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-            return bool(data) and data.rfind(b"\n") >= 0
-    except FileNotFoundError:
-        return False
-
-
-# -- the command -----------------------------------------------------------------------
-
-
-@dataclass
-class InferArgs:
-    """`tk infer` options (see ``tk infer --help``)."""
-
-    inputs: list[str]
-    model: str | None = None
-    store: str | None = None
-    batch_size: int = 32
-    topk: int = 1
-    format: str | None = None  # None: from the -o extension, else table
-    output: str | None = None
-    resume: bool = False
-    device: str = "auto"
-    precision: str = "32"
-    channels_last: bool = False
-    workers: int | None = None
-    decode: str = "pil"
-    quiet: bool = False
-
-
-@dataclass
-class InferSummary:
-    predicted: int = 0
-    failed: int = 0
-    skipped: int = 0  # already in the output (--resume)
-    seconds: float = 0.0
-    model: str = ""
-    output: str | None = None
-    distributed: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        """0: every file predicted; 1: some files could not be read. Under torchrun always
-        0 once the run is complete: torchrun reports any non-zero status as a crashed
-        process (and stops the other ranks), so failures are counted from the output."""
-        return 1 if self.failed and not self.distributed else 0
-
-
-def _logger(enabled: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if enabled:
-            print(f"tk: {message}", file=sys.stderr, flush=True)
-    return log
-
-
-def choose_model(store: Any, name: str | None, log: Callable[[str], None]) -> str:
-    """``name``, or the newest model in ``store`` (said through ``log``)."""
-    if name:
-        return name
-    newest = store.newest()
-    if newest is None:
-        raise TkError(f"no model in the store {store.root}; train one with `tk finetune` "
-                      "or pass --store DIR")
-    log(f"using model '{newest.name}' (the newest in {store.root}; --model NAME picks one)")
-    return newest.name
-
-
-def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
-    """`tk infer`: discover, predict, write rows as they come; a summary on stderr.
-    Under torchrun every rank predicts a shard and rank 0 writes the merged output.
-    Usage errors are found before torch is imported."""
-    from model_store import ModelStore
-
-    fmt = args.format or format_for_path(args.output)
-    if fmt not in FORMATS:
-        raise TkError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    if args.resume and not args.output:
-        raise TkError("--resume needs -o FILE (the output of the interrupted run)")
-    if args.resume and fmt not in ("jsonl", "csv"):
-        raise TkError(f"--resume works with --format jsonl or csv, not {fmt}")
-    if args.output and os.path.isdir(args.output):
-        raise TkError(f"-o {args.output}: is a directory")
-    if args.output:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(parent):
-            raise TkError(f"-o {args.output}: {parent} is not a directory")
-        if not os.access(parent, os.W_OK):
-            raise TkError(f"-o {args.output}: {parent} is not writable")
-
-    is_main = os.environ.get("RANK", "0") in ("", "0")
-    log = _logger(is_main)
-    warn = warn_stderr if is_main else (lambda _m: None)
-    store = ModelStore(args.store)
-    name = choose_model(store, args.model, log)
-    info = store.info(name)  # a missing model fails here, cheaply
-    paths = discover(args.inputs, warn=warn)
-    if not len(paths):
-        raise TkError(f"no image files found in {' '.join(args.inputs)} "
-                      "(extensions: jpg jpeg png bmp gif webp tif tiff)")
-    summary = InferSummary(model=name, output=args.output)
-    if args.resume:
-        topk = min(args.topk, len(info.classes))
-        done = done_paths(args.output, fmt, topk)  # type: ignore[arg-type]
-        if done:
-            todo = PathList(p for p in paths if _key(p) not in done)
-            summary.skipped = len(paths) - len(todo)
-            paths = todo
-            log(f"--resume: {summary.skipped} file(s) already in {args.output}, "
-                f"{len(paths)} to go")
-
-    import torch
-
-    from toolkit import distributed as D
-    from toolkit.devices import resolve_device
-
-    dist = D.from_env()
-    summary.distributed = dist.enabled
-    device = resolve_device(args.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    D.init(dist, device)
-    try:
-        loaded = store.load(name, plugins=plugins, device="cpu")
-        predictor = Predictor(loaded, batch_size=args.batch_size, topk=args.topk,
-                              device=device, precision=args.precision,
-                              channels_last=args.channels_last, workers=args.workers,
-                              decode=args.decode, warn=warn)
-        append = False
-        if args.resume:
-            D.barrier()  # every rank has read the file before rank 0 appends to it
-            if dist.is_main:
-                append = repair_tail(args.output)  # type: ignore[arg-type]
-        start = time.perf_counter()
-        if dist.is_main:
-            _write_all(predictor, paths, args, fmt, append, summary)
-        else:
-            for _ in predictor.predict_paths(paths):
-                pass
-        summary.seconds = time.perf_counter() - start
-        done_n = summary.predicted + summary.failed
-        rate = done_n / summary.seconds if summary.seconds > 0 else 0.0
-        where = f" to {args.output}" if args.output else ""
-        extra = f", {summary.skipped} already done" if summary.skipped else ""
-        log(f"{summary.predicted} predicted, {summary.failed} failed{extra} "
-            f"({rate:.1f} files/s, model '{name}'){where}")
-        return summary
-    finally:
-        D.shutdown()
-
-
-def _write_all(predictor: Predictor, paths: PathList, args: InferArgs, fmt: str,
-               append: bool, summary: InferSummary) -> None:
-    from tqdm import tqdm
-
-    if args.output:
-        try:
-            stream: IO[str] = open(args.output, "a" if append else "w",  # noqa: SIM115
-                                   encoding="utf-8", newline="")
-        except OSError as exc:
-            raise TkError(f"-o {args.output}: cannot write ({exc.strerror})") from None
-    else:
-        stream = sys.stdout
-    writer = WRITERS[fmt](stream, predictor.classes, predictor.topk)
-    bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=args.quiet,
-               dynamic_ncols=True, smoothing=0.1, desc="infer")
-    try:
-        writer.begin(append=append)
-        for row in predictor.predict_paths(paths):
-            writer.write(row)
-            if row.error is None:
-                summary.predicted += 1
-            else:
-                summary.failed += 1
-                bar.write(f"tk: warning: {row.path}: {row.error}", file=sys.stderr)
-            bar.update(1)
-        writer.end()
-    finally:
-        bar.close()
-        if stream is not sys.stdout:
-            stream.close()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolkit import distributed as D
-from toolkit.data import make_loader
+from toolkit.data.loader import make_loader
 from toolkit.devices import autocast, pin_memory, to_device
 from toolkit.errors import TkError
 

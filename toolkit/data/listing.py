@@ -5,7 +5,7 @@ Rules (the documented behaviour of `tk infer PATH...`):
 - inputs are handled in the order given; a directory is walked recursively, its entries
   sorted by name at every level (so the order is the same on every run and machine);
 - inside directories only names ending in an image extension count (case-insensitive:
-  :data:`toolkit.images.IMAGE_EXTENSIONS`); hidden entries (``.name``, e.g. macOS ``._x.jpg``
+  :data:`toolkit.data.decode.IMAGE_EXTENSIONS`); hidden entries (``.name``, e.g. macOS ``._x.jpg``
   companions) are skipped; a file named explicitly is always taken, whatever its name;
 - an argument that does not exist but holds ``*``, ``?`` or ``[`` is a glob (``**`` spans
   folders), expanded in sorted order; no match, or a plain path that does not exist, is a
@@ -28,8 +28,8 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import overload
 
+from toolkit.data.decode import is_image_path
 from toolkit.errors import TkError
-from toolkit.images import is_image_path
 
 Warn = Callable[[str], None]
 
