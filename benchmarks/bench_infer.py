@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.model.loading import load_model
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -120,7 +122,6 @@ def main() -> None:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from model_store import ModelStore
     from toolkit.data.decode import load_image
     from toolkit.data.transforms import eval_transform
     from toolkit.devices import resolve_device
@@ -142,7 +143,7 @@ def main() -> None:
         name = save_random_resnet18(store_dir)
     plugins = load_plugins()
     device = resolve_device(opts.device)
-    loaded = ModelStore(store_dir).load(name, plugins=plugins, device=device)
+    loaded = load_model(name, store_dir, plugins=plugins, device=device)
     model = loaded.model.eval()
     dc = loaded.data_config
     files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in (".jpg",

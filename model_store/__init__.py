@@ -3,7 +3,8 @@
 ```python
 from model_store import ModelStore
 store = ModelStore()                # $TK_HOME, else $XDG_DATA_HOME/tk, else ~/.local/share/tk
-loaded = store.load(name)           # .model (eval mode), .classes, .meta, .spec, .data_config
+stored = store.read(name)           # .meta, .tensors (checksum-verified); toolkit.load_model
+                                    # rebuilds the module
 ```
 
 Nothing here unpickles: models and bases are safetensors, ``.pth`` imports go through
@@ -12,18 +13,18 @@ Nothing here unpickles: models and bases are safetensors, ``.pth`` imports go th
 
 from model_store.metadata import FORMAT_VERSION, check_name
 from model_store.store import (
-    LoadedModel,
     ModelInfo,
     ModelStore,
+    StoredModel,
     VerifyResult,
     default_store_path,
 )
 
 __all__ = [
     "FORMAT_VERSION",
-    "LoadedModel",
     "ModelInfo",
     "ModelStore",
+    "StoredModel",
     "VerifyResult",
     "check_name",
     "default_store_path",

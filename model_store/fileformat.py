@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import StoreError
-from toolkit.model.weights import sha256_file  # noqa: F401  (re-exported for the store)
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +30,15 @@ _CHUNK = 4 * 1024 * 1024
 
 class DamagedFileError(StoreError):
     """A store file that cannot be trusted (truncated, edited, bit rot)."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 

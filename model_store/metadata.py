@@ -17,7 +17,7 @@ from toolkit.errors import StoreError
 FORMAT_VERSION = 1
 META_KEY = "tk"  # the safetensors header metadata key holding the JSON
 REQUIRED = ("spec", "classes", "data_config", "training", "metrics", "weights")
-STORE_KEYS = ("format_version", "name", "tk_version", "created", "base")
+STORE_KEYS = ("format_version", "name", "created", "base")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

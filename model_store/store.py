@@ -56,16 +56,11 @@ from model_store.metadata import (
     to_json,
     validate_user_metadata,
 )
-from toolkit import __version__ as TK_VERSION
-from toolkit.errors import StoreError, TkError
+from toolkit.errors import StoreError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from toolkit.model.assemble import ModelSpec
-    from toolkit.model.backbone import DataConfig
-    from toolkit.plugin.manager import Plugins
 
 SUFFIX = ".safetensors"
 WEIGHTS_META_KEY = "tk_weights"
@@ -117,16 +112,15 @@ class VerifyResult:
 
 
 @dataclass
-class LoadedModel:
-    """A stored model ready for inference."""
+class StoredModel:
+    """A stored model as the store holds it: checksum-verified tensors (its shared base
+    merged in) and metadata. Rebuilding the ``nn.Module`` is toolkit's job
+    (:func:`toolkit.load_model`)."""
 
-    model: nn.Module  # images -> logits, eval mode
-    classes: list[str]
+    name: str
+    path: Path
     meta: dict[str, Any]
-    spec: ModelSpec
-    data_config: DataConfig
-    name: str = ""
-    path: Path | None = None
+    tensors: dict[str, torch.Tensor]
 
 
 class ModelStore:
@@ -213,8 +207,8 @@ class ModelStore:
                          "tensors": len(shared)}
 
         meta = {k: v for k, v in metadata.items() if k not in STORE_KEYS}
-        meta.update(format_version=FORMAT_VERSION, name=name, tk_version=TK_VERSION,
-                    created=now_iso(), base=base_meta)
+        meta.update(format_version=FORMAT_VERSION, name=name, created=now_iso(),
+                    base=base_meta)
         chunks, _digest = seal(serialize(tensors, {META_KEY: to_json(meta)}))
 
         with store_lock(self.root):
@@ -237,16 +231,12 @@ class ModelStore:
             base_ref=base_meta["sha256"] if base_meta else None,
             head=meta["spec"]["head"]["name"],
             base_size_bytes=base_meta["size_bytes"] if base_meta else 0,
-            tk_version=TK_VERSION)
+            tk_version=str(meta.get("tk_version", "")))
 
     # -- load --------------------------------------------------------------------------
-    def load(self, name: str, plugins: Plugins | None = None,
-             device: str | torch.device = "cpu") -> LoadedModel:
-        """Rebuild the model (architecture from the plugin registry, weights from the file
-        and its base, both checksum-verified) in eval mode on ``device``."""
-        from toolkit.model.assemble import ModelSpec, build_classifier
-        from toolkit.model.backbone import DataConfig
-
+    def read(self, name: str) -> StoredModel:
+        """The model's metadata and tensors (its base merged in under the base's prefix),
+        both checksum-verified; nothing is built."""
         path = self._existing(name)
         try:
             raw, header = read_sealed(path)
@@ -269,27 +259,7 @@ class ModelStore:
                 raise StoreError(f"model '{name}': tensor {prefix + clash[0]!r} is both in the "
                                  "model file and in its base")
             tensors.update({prefix + k: v for k, v in shared.items()})
-
-        spec = ModelSpec.from_dict(meta["spec"])
-        data_config = DataConfig.from_dict(meta["data_config"])
-        if plugins is None:
-            from toolkit.plugin.manager import load_plugins
-
-            plugins = load_plugins()
-        _check_fit_on_meta(plugins, spec, tensors, name)
-        try:
-            model, _backbone = build_classifier(plugins, spec, pretrained=False)
-        except TkError as exc:
-            raise StoreError(f"cannot rebuild model '{name}': {exc}") from exc
-        _load_strict(model, tensors, name, spec)
-        try:
-            model = model.to(device)
-        except (RuntimeError, ValueError) as exc:
-            raise TkError(f"cannot move model '{name}' to device {device!r}: "
-                          f"{' '.join(str(exc).split())}") from exc
-        model.eval()
-        return LoadedModel(model=model, classes=list(meta["classes"]), meta=meta, spec=spec,
-                           data_config=data_config, name=name, path=path)
+        return StoredModel(name=name, path=path, meta=meta, tensors=tensors)
 
     def _load_base(self, sha: str, name: str) -> dict[str, torch.Tensor]:
         path = self.base_path(sha)
@@ -483,22 +453,21 @@ class ModelStore:
         return VerifyResult(name, True, None, "model", path)
 
     # -- imported pretrained weights ---------------------------------------------------
-    def import_weights(self, backbone: str, file: str | os.PathLike[str]) -> Path:
-        """Store a weight file for the backbone ``plugin:name`` (converted to safetensors;
-        ``.pth`` read with ``torch.load(weights_only=True)``). Returns where it went."""
-        from model_store.weights import read_weight_file
-
+    def import_weights(self, backbone: str, tensors: Mapping[str, torch.Tensor],
+                       provenance: dict[str, Any],
+                       source_metadata: Mapping[str, str] | None = None) -> Path:
+        """Store pretrained weights for the backbone ``plugin:name`` (the caller reads the
+        file: see :func:`toolkit.model.weights.import_weights`); ``provenance`` (source
+        file, its sha256, tk version...) is kept in the file's header. Returns the path."""
         target = self.weights_path(backbone)
-        source = Path(file).expanduser()
-        tensors, source_meta = read_weight_file(source)
-        info = {"format_version": FORMAT_VERSION, "backbone": backbone,
-                "source_name": source.name, "source_path": str(source.resolve()),
-                "source_sha256": sha256_file(source), "imported": now_iso(),
-                "tk_version": TK_VERSION}
-        file_meta = {k: v for k, v in source_meta.items()
+        if not tensors:
+            raise StoreError(f"no tensors to import for '{backbone}'")
+        info = {**provenance, "format_version": FORMAT_VERSION, "backbone": backbone,
+                "imported": now_iso()}
+        file_meta = {k: v for k, v in (source_metadata or {}).items()
                      if k not in (META_KEY, WEIGHTS_META_KEY, "tk_digest")}
         file_meta[WEIGHTS_META_KEY] = json.dumps(info, sort_keys=True)
-        chunks, _ = seal(serialize(tensors, file_meta))
+        chunks, _ = seal(serialize(dict(tensors), file_meta))
         with store_lock(self.root):
             clean_stale_temps(target.parent)
             atomic_write(target, chunks, f"weights for '{backbone}'")
@@ -597,49 +566,3 @@ def _msg(exc: BaseException) -> str:
 def _damaged(name: str, path: Path, exc: Exception) -> StoreError:
     return StoreError(f"model '{name}' is damaged ({path}): {_msg(exc)}; "
                       "run `tk store verify`")
-
-
-def _check_fit_on_meta(plugins: Plugins, spec: ModelSpec, tensors: dict[str, torch.Tensor],
-                       name: str) -> None:
-    """Build the architecture on torch's meta device (shapes only: no memory, no
-    initialisation) and check that the file's tensors fit it, before the real build
-    allocates anything: a hand-edited spec (say a backbone width of 20000) is refused here
-    instead of exhausting memory. A factory that cannot run on the meta device is left to
-    the real build and its own checks."""
-    import torch
-
-    from toolkit.model.assemble import build_classifier
-
-    try:
-        with torch.device("meta"):
-            shapes, _ = build_classifier(plugins, spec, pretrained=False)
-    except Exception:  # noqa: BLE001 - any failure here is reported by the real build
-        return
-    _check_fit(shapes.state_dict(), tensors, name, spec)
-
-
-def _check_fit(expected: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-               name: str, spec: ModelSpec) -> None:
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape)
-             != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("wrong shape", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise StoreError(f"model '{name}' does not fit its architecture "
-                         f"({spec.backbone} + {spec.head}): {'; '.join(parts)}")
-
-
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str,
-                 spec: ModelSpec) -> None:
-    _check_fit(model.state_dict(), tensors, name, spec)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise StoreError(f"model '{name}': cannot load its weights: "
-                         f"{' '.join(str(exc).split())[:300]}") from exc

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.model.loading import load_model
+
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
@@ -55,9 +57,8 @@ def test_finetune_tiny_saves_model_plots_and_summary(env: dict[str, str], tmp_pa
     for png in result["artifacts"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    from model_store import ModelStore
 
-    loaded = ModelStore(tmp_path / "store").load("m1", plugins=_plugins())
+    loaded = load_model("m1", tmp_path / "store", plugins=_plugins())
     assert loaded.classes == ["circle", "triangle", "square"]
     assert loaded.meta["metrics"]["best_epoch"] in (1, 2)
     assert loaded.meta["training"]["epochs"] == 2

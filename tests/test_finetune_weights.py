@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.model.loading import load_model
+
 SMALL = ["--opt", "dataset.samples=40", "--opt", "dataset.image_size=32", "--image-size",
          "32", "--batch-size", "10", "--epochs", "1", "--classes", "2", "--lr", "0.01"]
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's file name for IMAGENET1K_V1
@@ -48,9 +50,8 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
 
 
 def _backbone_tensors(store: Path, name: str) -> dict:
-    from model_store import ModelStore
 
-    model = ModelStore(store).load(name).model
+    model = load_model(name, store).model
     return {k[len("backbone."):]: v for k, v in model.state_dict().items()
             if k.startswith("backbone.")}
 

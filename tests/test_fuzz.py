@@ -46,6 +46,7 @@ from model_store import ModelStore
 from model_store.fileformat import seal, serialize
 from toolkit.data.decode import ImageDecodeError, load_image
 from toolkit.errors import TkError
+from toolkit.model.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "plugins_for_tests" / "tiny.py")
@@ -321,7 +322,7 @@ def _exercise_store(store: ModelStore, name: str, plugins) -> dict[str, str]:
             elif call == "show":
                 json.dumps(store.show(name), allow_nan=True)
             elif call == "load":
-                loaded = store.load(name, plugins=plugins)
+                loaded = load_model(name, store, plugins=plugins)
                 assert len(loaded.classes) == loaded.spec.num_classes
             outcome[call] = "ok"
         except TkError as exc:

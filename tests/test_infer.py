@@ -19,6 +19,7 @@ from conftest import TINY_PLUGIN, write_image
 
 from toolkit.data.listing import PathList, discover
 from toolkit.errors import TkError
+from toolkit.model.loading import load_model
 from toolkit.testing import isolated_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,10 +138,9 @@ def random_model(tmp_path: Path) -> tuple[Path, str]:
 
 
 def load(store_dir: Path, name: str):
-    from model_store import ModelStore
     from toolkit.plugin.manager import load_plugins
 
-    return ModelStore(store_dir).load(name, plugins=load_plugins(modules=[TINY_PLUGIN],
+    return load_model(name, store_dir, plugins=load_plugins(modules=[TINY_PLUGIN],
                                                                   env={}))
 
 
@@ -227,7 +227,7 @@ def test_csv_table_and_json_formats(tmp_path, colour_model, capsys):
 
 def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, random_model):
     """Same tensors (load_image + the eval transform of the stored data config) through
-    ModelStore.load(name).model directly give the very rows the runner writes."""
+    load_model(name).model directly give the very rows the runner writes."""
     from toolkit.data.decode import load_image
     from toolkit.data.transforms import eval_transform
     from toolkit.predict.runner import predict, predict_tensors

@@ -286,13 +286,14 @@ HUGE_WIDTH_CHILD = textwrap.dedent("""
     import torch
     from model_store import ModelStore
     from toolkit.errors import StoreError
+    from toolkit.model.loading import load_model
     from toolkit.plugin.manager import load_plugins
     plugins = load_plugins(modules=[sys.argv[2]], env={})
     store = ModelStore(sys.argv[1])
-    store.load("colours", plugins=plugins)  # warm up: allocator, lazy imports
+    load_model("colours", store, plugins=plugins)  # warm up: allocator, lazy imports
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        store.load("huge", plugins=plugins)
+        load_model("huge", store, plugins=plugins)
         error = None
     except StoreError as exc:
         error = str(exc)

@@ -20,6 +20,8 @@ from model_store import ModelStore, default_store_path
 from model_store.fileformat import seal, serialize
 from toolkit.errors import StoreError
 from toolkit.model.assemble import Classifier, ModelSpec, build_classifier, build_head
+from toolkit.model.loading import load_model
+from toolkit.model.weights import import_weights
 from toolkit.plugin.manager import load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,7 @@ def tiny_model(plugins, classes=("cat", "dog", "fish"), seed=0, width=8):
         "training": {"epochs": 1, "lr": 1e-3, "freeze": "all"},
         "metrics": {"val_acc": 0.5, "val_loss": 1.25, "history": [{"epoch": 1}]},
         "weights": backbone.weights.to_dict(),
+        "tk_version": "0.1.0",  # what toolkit's finetune records (the store takes it as given)
     }
     return model, meta
 
@@ -96,7 +99,7 @@ def test_round_trip_gives_bit_identical_logits(store, plugins):
     assert info.path.is_file() and info.size_bytes == info.path.stat().st_size
     assert info.base_ref is None and info.metrics == {"val_acc": 0.5, "val_loss": 1.25}
 
-    loaded = store.load("tiny", plugins=plugins)
+    loaded = load_model("tiny", store, plugins=plugins)
     assert not loaded.model.training
     with torch.no_grad():
         after = loaded.model(x)
@@ -113,7 +116,7 @@ def test_round_trip_gives_bit_identical_logits(store, plugins):
 def test_save_accepts_a_module_and_moves_to_device(store, plugins):
     model, meta = tiny_model(plugins)
     store.save("m", model, meta)
-    loaded = store.load("m", plugins=plugins, device=torch.device("cpu"))
+    loaded = load_model("m", store, plugins=plugins, device=torch.device("cpu"))
     assert next(loaded.model.parameters()).device.type == "cpu"
 
 
@@ -138,8 +141,8 @@ def test_shared_base_is_stored_once_and_both_models_load(store, plugins, capsys)
               f"model files {ia.size_bytes} B and {ib.size_bytes} B")
     assert ia.size_bytes < bases[0].stat().st_size
     with torch.no_grad():
-        assert torch.equal(store.load("a", plugins=plugins).model(x), la)
-        assert torch.equal(store.load("b", plugins=plugins).model(x), lb)
+        assert torch.equal(load_model("a", store, plugins=plugins).model(x), la)
+        assert torch.equal(load_model("b", store, plugins=plugins).model(x), lb)
     assert [i.name for i in store.list()] == ["b", "a"]
     assert store.info("a").base_size_bytes == bases[0].stat().st_size
 
@@ -184,7 +187,7 @@ def test_bad_names_are_refused(store, plugins, name):
     with pytest.raises(StoreError, match="invalid model name"):
         store.save(name, model.state_dict(), meta)
     with pytest.raises(StoreError, match="invalid model name"):
-        store.load(name, plugins=plugins)
+        load_model(name, store, plugins=plugins)
     assert not store.root.exists() or not any(store.root.rglob("*.safetensors"))
 
 
@@ -235,11 +238,11 @@ def test_every_flipped_byte_in_a_model_file_is_caught(store, plugins):
             assert result.problem
             if offset % 29 == 0 or offset in (0, 7, 8, hl - 1, hl, size - 1):
                 with pytest.raises(StoreError, match="model 'm'"):
-                    store.load("m", plugins=plugins)
+                    load_model("m", store, plugins=plugins)
             flipper.restore(offset)
     flipper.close()
     assert store.verify("m")[0].ok
-    store.load("m", plugins=plugins)
+    load_model("m", store, plugins=plugins)
 
 
 def test_flipped_byte_in_data_gives_clear_errors(store, plugins):
@@ -249,7 +252,7 @@ def test_flipped_byte_in_data_gives_clear_errors(store, plugins):
     [result] = store.verify("m")
     assert not result.ok and "checksum mismatch" in result.problem
     with pytest.raises(StoreError, match=r"model 'm' is damaged .*checksum mismatch"):
-        store.load("m", plugins=plugins)
+        load_model("m", store, plugins=plugins)
     assert [i.name for i in store.list()] == ["m"]  # list reads headers only; verify finds it
 
 
@@ -268,14 +271,14 @@ def test_every_flipped_byte_in_a_base_is_caught(store, plugins):
             problems = {r.name: r.problem for r in store.verify() if not r.ok}
             assert set(problems) == {"m", f"base:{info.base_ref[:12]}"}
             with pytest.raises(StoreError, match=r"base weights .* are damaged"):
-                store.load("m", plugins=plugins)
+                load_model("m", store, plugins=plugins)
         flipper.restore(offset)
     flipper.close()
     assert store.verify("m")[0].ok
     base.unlink()
     assert "missing" in store.verify("m")[0].problem
     with pytest.raises(StoreError, match="base weights .* are missing"):
-        store.load("m", plugins=plugins)
+        load_model("m", store, plugins=plugins)
     # saving again on the same weights repairs the store
     store.save("m2", model.state_dict(), meta, shared_prefix="backbone.")
     assert all(r.ok for r in store.verify())
@@ -332,7 +335,7 @@ def test_hand_edited_metadata_gives_one_line_store_error(store, plugins, case):
         value = edit
     _write_with_meta(store, "edited", value, plugins)
     with pytest.raises(StoreError, match=pattern) as err:
-        store.load("edited", plugins=plugins)
+        load_model("edited", store, plugins=plugins)
     assert "\n" not in str(err.value) and "model 'edited'" in str(err.value)
     assert store.list() == []
     assert [d.name for d in store.damaged()] == ["edited"]
@@ -345,7 +348,7 @@ def test_unknown_component_in_metadata_is_resolved_through_the_registry_only(sto
     meta["spec"]["backbone"]["name"] = "os:system"
     _write_with_meta(store, "m", json.dumps(meta), plugins)
     with pytest.raises(StoreError, match="cannot rebuild model 'm'.*os:system"):
-        store.load("m", plugins=plugins)
+        load_model("m", store, plugins=plugins)
 
 
 def test_tensors_that_do_not_fit_the_architecture(store, plugins):
@@ -353,13 +356,13 @@ def test_tensors_that_do_not_fit_the_architecture(store, plugins):
     meta["spec"]["backbone"]["options"] = {"width": 4}
     store.save("m", model.state_dict(), meta)
     with pytest.raises(StoreError, match="does not fit its architecture.*wrong shape"):
-        store.load("m", plugins=plugins)
+        load_model("m", store, plugins=plugins)
     state = model.state_dict()
     state.pop("head.0.weight")
     _, meta = tiny_model(plugins)
     store.save("n", state, meta)
     with pytest.raises(StoreError, match="missing: head.0.weight"):
-        store.load("n", plugins=plugins)
+        load_model("n", store, plugins=plugins)
 
 
 def test_text_editor_edit_breaks_the_checksum(store, plugins):
@@ -369,7 +372,7 @@ def test_text_editor_edit_breaks_the_checksum(store, plugins):
     assert data.count(b"fish") == 1
     info.path.write_bytes(data.replace(b"fish", b"bird"))
     with pytest.raises(StoreError, match="checksum mismatch"):
-        store.load("m", plugins=plugins)
+        load_model("m", store, plugins=plugins)
 
 
 def test_save_validates_metadata_before_writing(store, plugins):
@@ -451,7 +454,7 @@ def test_kill_during_save_leaves_no_half_model(tmp_path, plugins, wait_for):
     store.gc()
     referenced = {i.base_ref for i in store.list()}
     assert {p.name.split(".")[0] for p in (root / "bases").glob("*.safetensors")} == referenced
-    assert store.load("after", plugins=plugins).classes == ["cat", "dog", "fish"]
+    assert load_model("after", store, plugins=plugins).classes == ["cat", "dog", "fish"]
 
 
 def test_temp_files_of_live_writers_are_left_alone(store, plugins):
@@ -509,7 +512,7 @@ def tiny_backbone_state():
 def test_import_weights_pth(store, tmp_path, tiny_backbone_state):
     pth = tmp_path / "tiny.pth"
     torch.save(tiny_backbone_state, pth)
-    path = store.import_weights("tiny:tiny-cnn", pth)
+    path = import_weights(store, "tiny:tiny-cnn", pth)
     assert path == store.root / "weights" / "tiny" / "tiny-cnn.safetensors"
     assert store.find_weights("tiny:tiny-cnn") == path
     assert store.find_weights("tiny-cnn") == path  # bare name, imported under one plugin
@@ -536,7 +539,7 @@ def test_import_weights_safetensors_and_wrapped_pth(store, tmp_path, tiny_backbo
 
     src = tmp_path / "w.safetensors"
     save_file(tiny_backbone_state, str(src), metadata={"format": "pt"})
-    path = store.import_weights("tiny:tiny-cnn", src)
+    path = import_weights(store, "tiny:tiny-cnn", src)
     loaded = store.load_weights("tiny:tiny-cnn")
     assert all(torch.equal(loaded[k], v) for k, v in tiny_backbone_state.items())
     from safetensors import safe_open
@@ -545,7 +548,7 @@ def test_import_weights_safetensors_and_wrapped_pth(store, tmp_path, tiny_backbo
         assert fh.metadata()["format"] == "pt"
     wrapped = tmp_path / "ckpt.pth"
     torch.save({"state_dict": tiny_backbone_state, "epoch": 3}, wrapped)
-    store.import_weights("tiny:tiny-cnn", wrapped)  # replaces the earlier import
+    import_weights(store, "tiny:tiny-cnn", wrapped)  # replaces the earlier import
     assert store.weights_info("tiny:tiny-cnn")["source_name"] == "ckpt.pth"
 
 
@@ -565,7 +568,7 @@ def test_import_refuses_pickled_objects(store, tmp_path, tiny_backbone_state):
     torch.save({**tiny_backbone_state, "x": Evil(str(marker))}, evil)
     with pytest.raises(StoreError, match=r"refused to import .*pickled Python object "
                        r"\(posix.mkdir\)"):
-        store.import_weights("tiny:tiny-cnn", evil)
+        import_weights(store, "tiny:tiny-cnn", evil)
     assert not marker.exists()
     assert store.find_weights("tiny:tiny-cnn") is None
 
@@ -578,14 +581,14 @@ def test_import_rejects_bad_files(store, tmp_path):
     for f, pattern in ((garbage, "not a valid safetensors"), (not_pth, "cannot read"),
                        (tmp_path / "w.txt", "not found"), (tmp_path / "missing.pth", "not found")):
         with pytest.raises(StoreError, match=pattern):
-            store.import_weights("tiny:tiny-cnn", f)
+            import_weights(store, "tiny:tiny-cnn", f)
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(StoreError, match="expected a .safetensors or .pth"):
-        store.import_weights("tiny:tiny-cnn", tmp_path / "w.txt")
+        import_weights(store, "tiny:tiny-cnn", tmp_path / "w.txt")
     with pytest.raises(StoreError, match="qualified backbone name"):
-        store.import_weights("tiny-cnn", garbage)
+        import_weights(store, "tiny-cnn", garbage)
     with pytest.raises(StoreError, match="invalid"):
-        store.import_weights("../x:y", garbage)
+        import_weights(store, "../x:y", garbage)
 
 
 def test_no_pickle_on_any_load_path():
@@ -655,7 +658,7 @@ def test_alexnet_frozen_models_share_one_base(store, capsys):
               " MB")
     assert base_size > 200e6
     assert all(s < 1e6 for s in sizes)
-    loaded = store.load("alex1", plugins=plugins)
+    loaded = load_model("alex1", store, plugins=plugins)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), logits[1])
     assert all(r.ok for r in store.verify())

@@ -10,6 +10,7 @@ import click
 
 from toolkit.cli import cli, get_state
 from toolkit.cli.store import open_store, store_option
+from toolkit.model.loading import load_model
 
 _FORMATS = ("table", "csv", "jsonl", "json")
 _PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -110,7 +111,7 @@ def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json:
 
     store = open_store(store_dir)
     name = choose_model(store, model, lambda message: click.echo(f"tk: {message}", err=True))
-    loaded = store.load(name, plugins=get_state().plugins, device="cpu")
+    loaded = load_model(name, store, plugins=get_state().plugins, device="cpu")
     report = evaluate(loaded, data, batch_size=batch_size, device=device, precision=precision,
                       channels_last=channels_last, workers=workers, decode=decode,
                       progress=not quiet)

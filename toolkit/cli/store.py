@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from toolkit.cli import cli, get_state
+from toolkit.model.weights import import_weights
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -182,6 +183,6 @@ def import_weights_command(backbone: str, file: Path, store_dir: Path | None) ->
     """Store pretrained weights FILE (.safetensors, or .pth read without pickle) for
     BACKBONE, so that `tk finetune` finds them offline."""
     qualified = get_state().plugins.registry("backbones").resolve(backbone).qualified_name
-    path = open_store(store_dir).import_weights(qualified, file)
+    path = import_weights(open_store(store_dir), qualified, file)
     click.echo(str(path))
     click.echo(f"imported weights for {qualified}", err=True)

@@ -7,7 +7,6 @@ pickle or torch traceback.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -15,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import TkError
+from model_store.fileformat import sha256_file
+from toolkit.errors import StoreError, TkError
 
 if TYPE_CHECKING:
     import torch
@@ -24,15 +24,6 @@ if TYPE_CHECKING:
 # keys under which training scripts commonly nest the actual state dict
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 _SHOW = 3  # how many offending keys an error names
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -174,3 +165,41 @@ def load_into(
     except Exception as exc:  # dtype conversions that cannot happen, etc.
         label = f" {what}" if what else ""
         raise TkError(f"cannot load weights{label}: {_one_line(exc)}") from None
+
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def import_weights(store: Any, backbone: str, file: str | os.PathLike[str]) -> Path:
+    """`tk store import-weights`: read a weight file without pickle (``.safetensors``, or
+    ``.pth``/``.pt``/``.bin``/``.ckpt`` through ``torch.load(weights_only=True)``, common
+    wrappers unwrapped) and keep its tensors in ``store`` for the backbone ``plugin:name``,
+    with the source file's name, path and sha256. Returns the stored file's path."""
+    from toolkit import __version__
+
+    store.weights_path(backbone)  # a name that is not plugin:name fails first
+    source = Path(file).expanduser()
+    if not source.is_file():
+        raise StoreError(f"weight file {source} not found")
+    suffix = source.suffix.lower()
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise StoreError(f"cannot import {source.name}: expected a .safetensors or .pth file")
+    try:
+        tensors = read_state_dict(source)
+    except PickledObjectError as exc:
+        what = f" ({exc.global_name})" if exc.global_name else ""
+        raise StoreError(f"refused to import {source}: it holds a pickled Python object{what}, "
+                         "not only tensors (tk reads .pth files with "
+                         "torch.load(weights_only=True); re-save it as a plain state dict or "
+                         ".safetensors)") from None
+    except TkError as exc:
+        raise StoreError(str(exc)) from None
+    source_meta: dict[str, str] = {}
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(source), framework="pt") as fh:
+            source_meta = dict(fh.metadata() or {})
+    provenance = {"source_name": source.name, "source_path": str(source.resolve()),
+                  "source_sha256": sha256_file(source), "tk_version": __version__}
+    return store.import_weights(backbone, tensors, provenance, source_meta)

@@ -20,7 +20,7 @@ from toolkit.data.listing import PathList, Warn, iter_images, warn_stderr
 from toolkit.errors import DataError
 
 if TYPE_CHECKING:
-    from model_store import LoadedModel
+    from toolkit.model.loading import LoadedModel
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data.listing import PathList, discover, warn_stderr
 from toolkit.errors import TkError
+from toolkit.model.loading import load_model
 from toolkit.predict.runner import Predictor
 from toolkit.predict.writers import (
     FORMATS,
@@ -140,7 +141,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         torch.cuda.set_device(device)
     D.init(dist, device)
     try:
-        loaded = store.load(name, plugins=plugins, device="cpu")
+        loaded = load_model(name, store, plugins=plugins, device="cpu")
         predictor = Predictor(loaded, batch_size=args.batch_size, topk=args.topk,
                               device=device, precision=args.precision,
                               channels_last=args.channels_last, workers=args.workers,

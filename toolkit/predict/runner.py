@@ -4,7 +4,7 @@
 from model_store import ModelStore
 from toolkit.predict.runner import predict, predict_tensors
 
-loaded = ModelStore().load("my-model")
+loaded = load_model("my-model")
 for row in predict(loaded, ["photos/", "more/*.jpg"], batch_size=64, topk=3):
     print(row.path, row.label, row.score, row.error)       # one row per file, input order
 rows = predict_tensors(loaded, images)                     # images: [N,3,H,W] preprocessed
@@ -59,7 +59,7 @@ from toolkit.errors import TkError
 if TYPE_CHECKING:
     import torch
 
-    from model_store import LoadedModel
+    from toolkit.model.loading import LoadedModel
 
 DECODERS = ("pil", "draft", "torchvision")
 

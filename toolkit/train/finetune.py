@@ -341,6 +341,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
                         "history": result.history, "confusion": result.confusion,
                         "stopped_early": result.stopped_early},
             "weights": backbone.weights.to_dict(),
+            "tk_version": __version__,
         }
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         fully_frozen = result.frozen_groups_end == n_groups
