@@ -391,6 +391,17 @@ def shapes(num_classes: Any = None, image_size: Any = None, samples: Any = None,
 
 
 @hookimpl
+def tk_dataset_for_path(path: str) -> str | None:
+    """Folders are image folders, ``.csv`` files are manifests."""
+    p = Path(path)
+    if p.is_dir():
+        return "imagefolder"
+    if p.suffix.lower() == ".csv":
+        return "csv"
+    return None
+
+
+@hookimpl
 def tk_register_datasets(register: Any) -> None:
     register("imagefolder", imagefolder,
              description="folder of class sub-folders (optional train/ and val/ parts); "
@@ -398,6 +409,6 @@ def tk_register_datasets(register: Any) -> None:
     register("csv", manifest,
              description="csv manifest with path,label columns; options: path, root, "
                          "allow_outside_root")
-    register("shapes", shapes,
+    register("shapes", shapes, default=True,
              description="generated shapes (embedded default); options: num_classes, "
                          "samples, image_size, seed")

@@ -53,7 +53,7 @@ def mlp_head(
 
 @hookimpl
 def tk_register_heads(register: Any) -> None:
-    register("linear", linear_head, description="one Linear layer (options: dropout)")
+    register("linear", linear_head, default=True, description="one Linear layer (options: dropout)")
     register(
         "mlp",
         mlp_head,

@@ -85,6 +85,7 @@ def tk_register_losses(register: Any) -> None:
     register(
         "cross-entropy",
         cross_entropy,
+        default=True,
         description="softmax cross-entropy (options: label_smoothing, class_weights)",
     )
     register(

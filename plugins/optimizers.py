@@ -52,7 +52,7 @@ def _timm_factory(opt_name: str) -> Any:
 def tk_register_optimizers(register: Any) -> None:
     register("sgd", sgd, description="SGD (options: momentum=0.9, nesterov=true, dampening)")
     register("adam", adam, description="Adam (options: beta1, beta2, eps)")
-    register("adamw", adamw,
+    register("adamw", adamw, default=True,
              description="AdamW, decoupled weight decay (options: beta1, beta2, eps)")
     for name in TIMM_OPTIMIZERS:
         register(f"timm-{name}", _timm_factory(name), description=f"timm's {name} optimizer")

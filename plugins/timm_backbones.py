@@ -160,7 +160,9 @@ def _hf_cache_dir() -> str:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    from toolkit import env
+
+    return env.flag_quietly("HF_HUB_OFFLINE")
 
 
 def locate_weights(name: str, cfg: Any) -> tuple[str, WeightsInfo]:

@@ -88,15 +88,22 @@ ROWS = [
         "has no class sub-folders"),
     Row("missing-data-dir", [*FT_DATA, "--data", "{missing}", "--classes", "2"],
         "--data {missing}: no such file or directory"),
-    Row("data-is-a-file", [*FT_DATA, "--data", "{afile}", "--classes", "2"], "is not a folder"),
+    Row("data-is-a-file", [*FT_DATA, "--data", "{afile}", "--classes", "2"],
+        "--data {afile}: no loaded plugin reads a 'afile' file"),
+    Row("data-with-datasets-plugin-disabled", [*FT_DATA, "--data", "{data}"],
+        "--data {data}: no loaded plugin reads a folder",
+        env={"TK_DISABLE_PLUGINS": "timm,torchvision,datasets"}),
+    Row("no-default-dataset-when-disabled", [*FT_DATA],
+        "no default dataset: no loaded plugin registers one",
+        env={"TK_DISABLE_PLUGINS": "timm,torchvision,datasets"}),
     Row("class-without-images", [*FT_DATA, "--data", "{no_images}", "--classes", "2"],
         "class 'b' ({no_images}/b) has no image files"),
     Row("class-too-small-to-split", [*FT_DATA, "--data", "{few}", "--classes", "3"],
         "class 'c' has only 1 image; at least 2 are needed"),
     Row("manifest-escapes-root", [*FT_DATA, "--data", "{escape_csv}", "--classes", "2"],
         "path '../outside.png' is outside the root"),
-    Row("data-and-dataset", [*FT_DATA, "--data", "{data}", "--dataset", "shapes"],
-        "either --data PATH or --dataset NAME"),
+    Row("generated-dataset-given-a-path", [*FT_DATA, "--data", "{data}", "--dataset", "shapes"],
+        "dataset 'shapes' is generated and takes no --data path"),
     # -- numbers ---------------------------------------------------------------------------
     Row("epochs-not-a-number", [*FT, "--classes", "3", "--epochs", "x"],
         "Invalid value for '--epochs': 'x' is not a valid integer. (see `tk finetune --help`)"),
@@ -253,7 +260,8 @@ def tk_env(root: Path, **extra: str) -> dict[str, str]:
         env.pop(key, None)
     env.update(TK_HOME=str(root / "home"), TORCH_HOME=str(root / "torch"),
                HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TK_DISABLE_PLUGINS="timm,torchvision", PYTHONPATH=str(REPO), **extra)
+               TK_DISABLE_PLUGINS="timm,torchvision", PYTHONPATH=str(REPO))
+    env.update(extra)
     return env
 
 
@@ -318,6 +326,9 @@ def test_tk_debug_shows_the_traceback(world):
     args = [*FT, "--backbone", "tiny-cmm", "--classes", "3"]
     quiet = run_tk(args, tk_env(root))
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    for off in ("0", "false", "No", " off ", ""):  # the one env-flag reader: all mean off
+        still_quiet = run_tk(args, tk_env(root, TK_DEBUG=off))
+        assert still_quiet.returncode == 2 and "Traceback" not in still_quiet.stderr, off
     loud = run_tk(args, tk_env(root, TK_DEBUG="1"))
     assert loud.returncode != 0
     assert "Traceback (most recent call last)" in loud.stderr

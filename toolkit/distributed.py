@@ -45,7 +45,9 @@ def init(info: DistInfo, device: torch.device) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=float(os.environ.get("TK_DIST_TIMEOUT", "600")))
+    from toolkit import env
+
+    timeout = datetime.timedelta(seconds=env.number("TK_DIST_TIMEOUT", 600.0, minimum=1.0))
     try:
         dist.init_process_group(backend=backend, timeout=timeout)
     except Exception as exc:

@@ -6,13 +6,12 @@ Every command module here adds itself to :data:`cli`; plugins add theirs through
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import click
 
-from toolkit import __version__
+from toolkit import __version__, env
 from toolkit.errors import TkError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from toolkit.cli import commands  # noqa: F401  (registers the built-in commands)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get("TK_DEBUG", "") not in ("", "0")
+    debug = env.flag_quietly("TK_DEBUG")
     try:
         if _wants_plugin_commands(argv):
             state = State(_plugin_args(argv))

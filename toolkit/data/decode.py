@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from toolkit.errors import DataError, TkError
+from toolkit.errors import DataError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -78,16 +78,9 @@ def is_image_path(path: str | os.PathLike) -> bool:
 
 def max_image_pixels() -> int:
     """The pixel limit: ``TK_MAX_IMAGE_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise TkError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
-    return value
+    from toolkit import env
+
+    return env.integer(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, minimum=1)
 
 
 _pil_ready = False

@@ -96,6 +96,19 @@ def tk_register_datasets(register: Register) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def tk_dataset_for_path(path: str) -> str | None:
+    """Which registered dataset reads ``--data PATH``: return its name (``"imagefolder"``,
+    ``"my-plugin:json-manifest"``), or ``None`` to let other plugins answer.
+
+    Called in reverse registration order (third-party plugins before the built-ins), the
+    first non-``None`` answer wins. The built-ins claim folders (``imagefolder``) and
+    ``.csv`` files (``csv``); a plugin claims its own format, e.g. by extension. The chosen
+    dataset's factory receives the path as its ``path`` option. Keep it cheap: look at the
+    name or a few bytes, do not read the data.
+    """
+
+
 @hookspec
 def tk_register_commands(cli: Any) -> None:
     """Add commands to the ``tk`` CLI.

@@ -29,6 +29,7 @@ from typing import Any
 
 import pluggy
 
+from toolkit import env as tk_env
 from toolkit.errors import PluginError
 from toolkit.plugin import hookspecs
 from toolkit.plugin.registry import KINDS, Registry
@@ -68,13 +69,8 @@ def _norm(name: str) -> str:
 
 
 def _env_list(env: Mapping[str, str], key: str) -> list[str] | None:
-    if key not in env:
-        return None
-    return [_norm(x) for x in env[key].split(",") if x.strip()]
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+    listed = tk_env.names(key, env)
+    return None if listed is None else [_norm(x) for x in listed]
 
 
 class Plugins:
@@ -220,6 +216,33 @@ class Plugins:
                     raise PluginError(f"plugin '{owner}' failed in {hook}: {exc}") from exc
                 print(f"tk: warning: plugin '{owner}' failed in {hook}: {exc}", file=sys.stderr)
 
+    def dataset_for_path(self, path: str) -> str | None:
+        """The dataset a plugin claims for ``--data PATH`` (``tk_dataset_for_path``, first
+        answer wins, third-party plugins asked before the built-ins), or None."""
+        for impl in reversed(self.pm.hook.tk_dataset_for_path.get_hookimpls()):
+            owner = self.pm.get_name(impl.plugin) or "?"
+            try:
+                answer = impl.function(**_kwargs_for(impl, path=str(path)))
+            except Exception as exc:
+                raise PluginError(f"plugin '{owner}' failed in tk_dataset_for_path({path!r}): "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if answer is not None:
+                if not isinstance(answer, str) or not answer:
+                    raise PluginError(f"plugin '{owner}' answered tk_dataset_for_path with "
+                                      f"{answer!r}, not a dataset name")
+                return answer
+        return None
+
+    def provenance(self, owner: str) -> dict[str, Any]:
+        """Where the plugin ``owner`` comes from: ``{"plugin", "module", "distribution",
+        "version"}`` (distribution and version None for a module given by path or
+        ``TK_PLUGINS`` outside any installed package)."""
+        record = self.records.get(owner)
+        if record is None:
+            return {"plugin": owner, "module": None, "distribution": None, "version": None}
+        return {"plugin": owner, "module": record.module, "distribution": record.distribution,
+                "version": record.version}
+
     def errors(self) -> list[PluginRecord]:
         return [r for r in self.records.values() if r.error]
 
@@ -263,7 +286,7 @@ def load_plugins(
 ) -> Plugins:
     """A fresh :class:`Plugins` with entry points, ``TK_PLUGINS`` and ``modules`` loaded."""
     env = os.environ if env is None else env
-    plugins = Plugins(strict=_truthy(env.get("TK_STRICT_PLUGINS")))
+    plugins = Plugins(strict=tk_env.flag("TK_STRICT_PLUGINS", env=env))
     only = _env_list(env, "TK_LOAD_PLUGINS")
     disabled = set(_env_list(env, "TK_DISABLE_PLUGINS") or [])
 
@@ -285,7 +308,7 @@ def load_plugins(
         )
         plugins.import_module(ep.value, record)
 
-    extra = [m.strip() for m in env.get("TK_PLUGINS", "").split(",") if m.strip()]
+    extra = tk_env.names("TK_PLUGINS", env) or []
     for source, mods in (("TK_PLUGINS", extra), ("--plugin", list(modules))):
         for module in mods:
             name = Path(module).stem if module.endswith(".py") else module

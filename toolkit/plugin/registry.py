@@ -52,14 +52,17 @@ class Component:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise TkError(
-                f"{self.kind[:-1]} '{self.name}' has no option {', '.join(map(repr, unknown))}"
+                f"{_singular(self.kind)} '{self.name}' has no option "
+                f"{', '.join(map(repr, unknown))}"
                 + _did_you_mean(unknown[0], accepted)
                 + (f" (options: {', '.join(accepted)})" if accepted else " (it takes no options)")
             )
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view (no factory)."""
-        extra = {k: v for k, v in self.info.items() if k != "fallback"}
+        extra = {k: v for k, v in self.info.items() if k not in ("fallback", "default")}
+        if self.info.get("default"):
+            extra["default"] = True
         return {"name": self.name, "plugin": self.owner, **extra}
 
 
@@ -77,9 +80,7 @@ class Registry:
 
     @property
     def singular(self) -> str:
-        if self.kind.endswith("sses"):  # losses -> loss
-            return self.kind[:-2]
-        return self.kind[:-1] if self.kind.endswith("s") else self.kind
+        return _singular(self.kind)
 
     def register(self, owner: str, name: str, factory: Callable[..., Any], **info: Any) -> None:
         if not isinstance(name, str) or not name or ":" in name:
@@ -159,8 +160,33 @@ class Registry:
                     out.append(c)
         return out
 
+    def default(self) -> Component:
+        """The component a plugin registered with ``default=True`` (what tk uses when the
+        user names none: ``--head``, ``--loss``, ``--optimizer``, the dataset without
+        ``--data``). An error naming the kind when no loaded plugin offers one (e.g. the
+        built-in plugin was disabled) or when several do."""
+        found = [c for cs in self._by_name.values() for c in cs if c.info.get("default")]
+        if not found:
+            raise UnknownNameError(
+                f"no default {self.singular}: no loaded plugin registers one (is the built-in "
+                f"plugin disabled by TK_DISABLE_PLUGINS or TK_LOAD_PLUGINS?); name one "
+                f"explicitly (see `tk list {self.kind}`)")
+        if len(found) > 1:
+            names = sorted(c.qualified_name for c in found)
+            raise AmbiguousNameError(
+                f"several plugins offer a default {self.singular} ({', '.join(names)}); "
+                "name one explicitly")
+        return found[0]
+
     def build(self, name: str, *args: Any, **options: Any) -> Any:
         return self.resolve(name).factory(*args, **options)
+
+
+def _singular(kind: str) -> str:
+    """backbones -> backbone, losses -> loss."""
+    if kind.endswith("sses"):
+        return kind[:-2]
+    return kind[:-1] if kind.endswith("s") else kind
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:

@@ -1,7 +1,8 @@
 """`tk finetune` as a function: resolve components, data and weights, train, save.
 
 Everything here goes through the registries: the core names no concrete backbone, head,
-loss, optimizer or dataset (the embedded default dataset is looked up by name)."""
+loss, optimizer or dataset: the defaults are the ones plugins register as such, and which
+dataset reads `--data PATH` is asked of the plugins (`tk_dataset_for_path`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ from typing import Any
 from toolkit.errors import DataError, TkError
 from toolkit.train.config import COMPONENTS
 
-DEFAULT_DATASET = "shapes"
-
 
 @dataclass
 class FinetuneArgs:
@@ -27,9 +26,9 @@ class FinetuneArgs:
     data: str | None = None
     val_data: str | None = None
     dataset: str | None = None
-    head: str = "linear"
-    loss: str = "cross-entropy"
-    optimizer: str = "adamw"
+    head: str | None = None  # None: the default a plugin registers (built-in: linear)
+    loss: str | None = None  # built-in default: cross-entropy
+    optimizer: str | None = None  # built-in default: adamw
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -87,8 +86,6 @@ class FinetuneArgs:
             raise TkError(f"--warmup-epochs must not be negative, got {self.warmup_epochs}")
         if self.workers < 0:
             raise TkError("--workers must not be negative")
-        if self.data and self.dataset:
-            raise TkError("give either --data PATH or --dataset NAME, not both")
         if self.weights and not self.pretrained:
             raise TkError("--weights and --no-pretrained contradict each other")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
@@ -107,21 +104,34 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def _dataset_choice(args: FinetuneArgs) -> tuple[str, dict[str, Any]]:
-    """Which dataset plugin and options: --dataset, --data (folder or .csv), or the default."""
+def _dataset_choice(args: FinetuneArgs, plugins: Any) -> tuple[Any, dict[str, Any]]:
+    """Which dataset and its options: ``--dataset NAME`` (given ``--data PATH`` as its
+    ``path``), else the dataset a plugin claims for ``--data PATH``
+    (``tk_dataset_for_path``), else the default dataset a plugin registers (the embedded
+    shapes)."""
+    registry = plugins.registry("datasets")
     opts = dict(args.options.get("dataset", {}))
     if args.data:
         path = Path(args.data)
         if not path.exists():
             raise DataError(f"--data {args.data}: no such file or directory")
-        name = args.dataset or ("csv" if path.is_file() and path.suffix.lower() == ".csv"
-                                else "imagefolder")
-        opts.setdefault("path", str(path))
+        opts.setdefault("path", str(path.resolve()))
+        if args.dataset:
+            component = registry.resolve(args.dataset)
+        else:
+            name = plugins.dataset_for_path(str(path))
+            if name is None:
+                kind = "folder" if path.is_dir() else f"'{path.suffix or path.name}' file"
+                raise DataError(
+                    f"--data {args.data}: no loaded plugin reads a {kind} (the built-in "
+                    "datasets plugin reads folders and .csv files; is it disabled by "
+                    "TK_DISABLE_PLUGINS or TK_LOAD_PLUGINS?); name a dataset with --dataset")
+            component = registry.resolve(name)
     else:
-        name = args.dataset or DEFAULT_DATASET
+        component = registry.resolve(args.dataset) if args.dataset else registry.default()
     if args.val_data:
-        opts.setdefault("val_path", args.val_data)
-    return name, opts
+        opts.setdefault("val_path", str(Path(args.val_data).resolve()))
+    return component, opts
 
 
 def _with_accepted(component: Any, positional: int, candidates: dict[str, Any],
@@ -167,11 +177,11 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
     reg = {kind: plugins.registry(kind) for kind in
            ("backbones", "heads", "losses", "optimizers", "datasets")}
     bb_c = reg["backbones"].resolve(args.backbone)
-    head_c = reg["heads"].resolve(args.head)
-    loss_c = reg["losses"].resolve(args.loss)
-    opt_c = reg["optimizers"].resolve(args.optimizer)
-    ds_name, ds_opts = _dataset_choice(args)
-    ds_c = reg["datasets"].resolve(ds_name)
+    head_c = reg["heads"].resolve(args.head) if args.head else reg["heads"].default()
+    loss_c = reg["losses"].resolve(args.loss) if args.loss else reg["losses"].default()
+    opt_c = (reg["optimizers"].resolve(args.optimizer) if args.optimizer
+             else reg["optimizers"].default())
+    ds_c, ds_opts = _dataset_choice(args, plugins)
     bb_c.check_options(args.options["backbone"], positional=1)
     head_c.check_options(args.options["head"], positional=2)
     loss_c.check_options(args.options["loss"])
