@@ -355,8 +355,8 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
         }
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         fully_frozen = result.frozen_groups_end == n_groups
-        info = store.save(name, state, metadata,
-                          shared_prefix="backbone." if fully_frozen else None,
+        info = store.save(name, state, metadata, shared=["backbone."] if fully_frozen else [
+                              k for k, p in model.named_parameters() if not p.requires_grad],
                           overwrite=args.overwrite or args.resume)
         artifacts = _plots(store, name, result.history, result.confusion, classes, log)
         (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # finished: not needed
