@@ -13,7 +13,8 @@ are safetensors, ``.pth`` imports go through ``torch.load(weights_only=True)`` i
 
 One module, one job::
 
-    store.py          ModelStore, the face: models (save, read, list, show, rm, verify), gc
+    store.py          ModelStore, the face: save, read, list, show, rm, verify, gc, owns
+    models.py         model files: name, write, read, describe, check
     sharing.py        which tensors of a model stay in its file and which come from blobs
     blobs.py          content-addressed tensor blobs (bases/<sha256>.safetensors)
     weights_cache.py  imported pretrained weights: pointer -> blob + provenance

@@ -171,18 +171,38 @@ class Blobs:
     def find(self, wanted: Mapping[str, Signature], skip: set[str] = frozenset()
              ) -> dict[str, list[tuple[str, str]]]:
         """Where the store already holds the content hashes in ``wanted`` (hash ->
-        signature): hash -> [(blob sha256, key), ...]. Blobs in ``skip`` are left out."""
-        if not wanted:
-            return {}
-        signatures = set(wanted.values())
+        signature): hash -> [(blob sha256, key), ...]. Blobs in ``skip`` are left out.
+        Blobs with a tensor map are searched first (headers only); format-1 bases, whose
+        tensors must be hashed from the file, only for what is still missing."""
         found: dict[str, list[tuple[str, str]]] = {}
+        legacy = []
         for sha in self.shas():
-            if sha in skip:
+            if sha in skip or not wanted:
                 continue
-            for key, h in self.tensor_hashes(sha, signatures).items():
+            known = self.tensor_map(sha)
+            if known is None:
+                legacy.append(sha)
+                continue
+            for key, h in known.items():
                 if h in wanted:
                     found.setdefault(h, []).append((sha, key))
+        missing = {h: sig for h, sig in wanted.items() if h not in found}
+        for sha in legacy:
+            if not missing:
+                break
+            for key, h in self.tensor_hashes(sha, set(missing.values())).items():
+                if h in wanted:
+                    found.setdefault(h, []).append((sha, key))
+                    missing.pop(h, None)
         return found
+
+    def tensor_map(self, sha: str) -> dict[str, str] | None:
+        """The ``tk_blob`` map (key -> content hash) of blob ``sha``; None for a format-1
+        base or an unreadable header."""
+        try:
+            return _blob_map(read_header(self.path(sha)))
+        except (StoreError, OSError):
+            return None
 
     # -- writing ---------------------------------------------------------------------
     def write(self, tensors: Mapping[str, torch.Tensor], hashes: Mapping[str, str],

@@ -33,8 +33,9 @@ class DamagedFileError(StoreError):
     """A store file that cannot be trusted (truncated, edited, bit rot)."""
 
 
-__all__ = ["DamagedFileError", "load_tensors", "metadata_of", "parse_header", "read_header",
-           "read_sealed", "seal", "serialize", "sha256_file", "tensor_names", "verify_sealed"]
+__all__ = ["DamagedFileError", "check_tensors", "load_tensors", "metadata_of", "parse_header",
+           "read_header", "read_sealed", "seal", "serialize", "sha256_file", "tensor_names",
+           "verify_sealed"]
 
 
 def _canonical(header: dict[str, Any]) -> bytes:
@@ -131,17 +132,23 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     return save(_prepare(tensors), metadata=metadata)
 
 
-def _prepare(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, no two entries sharing storage (safetensors refuses that)."""
+def check_tensors(tensors: dict[str, Any]) -> None:
+    """String keys and tensor values, or one :class:`StoreError` line naming the entry."""
     import torch
 
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise StoreError(f"state dict key {name!r} is not a string")
         if not isinstance(t, torch.Tensor):
             raise StoreError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+
+
+def _prepare(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two entries sharing storage (safetensors refuses that)."""
+    check_tensors(tensors)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in tensors.items():
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()

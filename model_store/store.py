@@ -21,10 +21,8 @@ collection: a blob is removed once no model and no imported-weights pointer name
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 import shutil
 import stat
 from collections.abc import Iterable, Mapping
@@ -32,38 +30,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_store import sharing
-from model_store.atomic import atomic_write, clean_stale_temps, fsync_dir, is_temp_name, store_lock
+from model_store.atomic import clean_stale_temps, fsync_dir, store_lock
 from model_store.blobs import Blobs
-from model_store.fileformat import (
-    DamagedFileError,
-    load_tensors,
-    metadata_of,
-    read_header,
-    read_sealed,
-    seal,
-    serialize,
-    tensor_names,
-    verify_sealed,
-)
-from model_store.files import (
-    NotRegularFileError,
-    freed_by_unlink,
-    is_regular,
-    open_regular,
-    sha256_file,
-    tree_ids,
-)
+from model_store.fileformat import check_tensors
+from model_store.files import freed_by_unlink, tree_ids
 from model_store.metadata import (
     FORMAT_VERSION,
-    META_KEY,
     STORE_KEYS,
-    check_name,
-    metrics_summary,
     now_iso,
-    parse_stored_metadata,
     to_json,
     validate_user_metadata,
 )
+from model_store.models import ModelFiles
 from model_store.records import ModelInfo, Removed, StoredModel, VerifyResult
 from model_store.weights_cache import WeightsCache
 from toolkit.errors import StoreError
@@ -71,10 +49,6 @@ from toolkit.errors import StoreError
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-SUFFIX = ".safetensors"
-_HEX64 = re.compile(rb"[0-9a-f]{64}")
-_MAX_HEADER = 100 * 1024 * 1024
 
 __all__ = ["ModelInfo", "ModelStore", "Removed", "StoredModel", "VerifyResult",
            "default_store_path"]
@@ -100,6 +74,7 @@ class ModelStore:
         self.bases_dir = self.root / "bases"
         self.weights_dir = self.root / "weights"
         self.blobs = Blobs(self.bases_dir)
+        self.models = ModelFiles(self.models_dir, self.root, self.blobs)
         self.weights = WeightsCache(self.weights_dir, self.blobs, self.root)
 
     def __repr__(self) -> str:
@@ -107,14 +82,14 @@ class ModelStore:
 
     # -- paths -------------------------------------------------------------------------
     def model_path(self, name: str) -> Path:
-        return self.models_dir / f"{check_name(name)}{SUFFIX}"
+        return self.models.path(name)
 
     def artifact_path(self, name: str, filename: str) -> Path:
         """Where a file that belongs to model ``name`` goes (training curves, confusion
         matrix...): ``artifacts/<name>/<filename>``, removed with the model."""
         if not filename or "/" in filename or filename.startswith("."):
             raise StoreError(f"invalid artifact file name {filename!r}")
-        return self.root / "artifacts" / check_name(name) / filename
+        return self.root / "artifacts" / self.models.path(name).stem / filename
 
     def base_path(self, sha256: str) -> Path:
         """The blob file with sha256 ``sha256``."""
@@ -143,34 +118,6 @@ class ModelStore:
             ids.add((st.st_dev, st.st_ino))
         return bool(ids) and bool(ids & tree_ids(root))
 
-    # -- names -------------------------------------------------------------------------
-    def _names(self) -> list[str]:
-        try:
-            entries = os.listdir(self.models_dir)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(f"cannot read model store {self.root}: {exc.strerror}") from exc
-        names = []
-        for e in entries:
-            stem = e[: -len(SUFFIX)]
-            if e.endswith(SUFFIX) and not is_temp_name(e) and not e.startswith("."):
-                try:
-                    names.append(check_name(stem))
-                except StoreError:
-                    continue
-        return sorted(names)
-
-    def _existing(self, name: str) -> Path:
-        path = self.model_path(name)
-        if not os.path.lexists(path):
-            names = self._names()
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else (
-                " (tk store list shows what is there)" if names else " (the store is empty)")
-            raise StoreError(f"no model '{name}' in {self.root}{hint}")
-        return path
-
     # -- save --------------------------------------------------------------------------
     def save(self, name: str, state_dict: Mapping[str, torch.Tensor] | nn.Module,
              metadata: dict[str, Any], *, shared: Iterable[str] | None = None,
@@ -182,8 +129,9 @@ class ModelStore:
         or prefixes ending in ``"."`` (``shared_prefix="backbone."`` is the same as
         ``shared=["backbone."]``). Whatever the store already holds is referenced, never
         copied: a frozen tensor on imported weights costs nothing, and so does any other
-        tensor of 1 KiB or more found in a blob; shareable tensors found nowhere go into a
-        new blob, which the next model on the same weights shares."""
+        tensor of 1 KiB or more found in a blob (from blobs the model takes at least 1 MiB
+        or half of: see :mod:`model_store.sharing`); shareable tensors found nowhere go
+        into a new blob, which the next model on the same weights shares."""
         path = self.model_path(name)
         if not isinstance(metadata, dict):
             raise StoreError("cannot save model: metadata is not a dict")
@@ -194,7 +142,7 @@ class ModelStore:
         if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
             state_dict = state_dict.state_dict()
         tensors = dict(state_dict)
-        _check_tensors(tensors)
+        check_tensors(tensors)
         shareable = sharing.shareable_keys(tensors, shared, shared_prefix, f"model '{name}'")
         hashes = sharing.hash_candidates(tensors, shareable)
 
@@ -209,63 +157,23 @@ class ModelStore:
             shared_meta = sharing.commit(plan, tensors, self.blobs)
             if shared_meta:
                 meta["shared"] = shared_meta
-            chunks, _digest = seal(serialize(plan.own, {META_KEY: to_json(meta)}))
-            size = atomic_write(path, chunks, f"model '{name}'")
+            size = self.models.write(name, plan.own, meta)
             self._gc_locked()
-        return self._info_from(name, path, size, meta)
+        return self.models.info_from(name, path, size, meta)
 
-    # -- read --------------------------------------------------------------------------
+    # -- read, list, show ------------------------------------------------------------
     def read(self, name: str) -> StoredModel:
         """The model's metadata and tensors (those it takes from blobs merged in under its
         own keys), all checked against their digests; nothing is built."""
-        path = self._existing(name)
-        try:
-            raw, header = read_sealed(path)
-        except (DamagedFileError, NotRegularFileError) as exc:
-            raise _damaged(name, path, exc) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read model '{name}' ({path}): {exc.strerror}") from exc
-        meta = parse_stored_metadata(metadata_of(header), f"model '{name}' ({path})")
-        try:
-            own = load_tensors(raw)
-        except DamagedFileError as exc:
-            raise _damaged(name, path, exc) from None
-        del raw
-        tensors = sharing.resolve(meta, own, self.blobs, f"model '{name}'")
-        return StoredModel(name=name, path=path, meta=meta, tensors=tensors)
-
-    # -- list / info / show ------------------------------------------------------------
-    def _info_from(self, name: str, path: Path, size: int, meta: dict[str, Any]) -> ModelInfo:
-        shas = [sha for sha, _ in sharing.references(meta)]
-        return ModelInfo(
-            name=name, path=path, size_bytes=size, created=meta["created"],
-            backbone=meta["spec"]["backbone"]["name"], classes=list(meta["classes"]),
-            metrics=metrics_summary(meta["metrics"]),
-            base_ref=shas[0] if shas else None, head=meta["spec"]["head"]["name"],
-            base_size_bytes=sum(self.blobs.size(s) for s in dict.fromkeys(shas)),
-            tk_version=str(meta.get("tk_version", "")),
-            shared_bytes=sharing.shared_bytes(meta), blobs=list(dict.fromkeys(shas)),
-            format_version=int(meta["format_version"]))
-
-    def _info(self, name: str, path: Path) -> ModelInfo:
-        """From the header only (cheap: no checksum)."""
-        try:
-            header = read_header(path)
-            size = os.stat(path).st_size
-        except (DamagedFileError, NotRegularFileError) as exc:
-            raise _damaged(name, path, exc) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read model '{name}' ({path}): {exc.strerror}") from exc
-        meta = parse_stored_metadata(metadata_of(header), f"model '{name}' ({path})")
-        return self._info_from(name, path, size, meta)
+        return self.models.read(name)
 
     def list(self) -> list[ModelInfo]:  # noqa: A003
         """Complete, readable models, newest first. Temp files, damaged files and entries
         that are not regular files are skipped (:meth:`damaged` names them)."""
         infos = []
-        for name in self._names():
+        for name in self.models.names():
             try:
-                infos.append(self._info(name, self.models_dir / f"{name}{SUFFIX}"))
+                infos.append(self.models.info(name, self.models_dir / f"{name}.safetensors"))
             except StoreError:
                 continue
         infos.sort(key=lambda i: (i.created, i.name), reverse=True)
@@ -274,10 +182,10 @@ class ModelStore:
     def damaged(self) -> list[VerifyResult]:
         """Models that :meth:`list` skips because their header is unreadable (cheap)."""
         out = []
-        for name in self._names():
-            path = self.models_dir / f"{name}{SUFFIX}"
+        for name in self.models.names():
+            path = self.models_dir / f"{name}.safetensors"
             try:
-                self._info(name, path)
+                self.models.info(name, path)
             except StoreError as exc:
                 out.append(VerifyResult(name, False, str(exc), "model", path))
         return out
@@ -287,40 +195,11 @@ class ModelStore:
         return infos[0] if infos else None
 
     def info(self, name: str) -> ModelInfo:
-        return self._info(name, self._existing(name))
+        return self.models.info(name)
 
     def show(self, name: str) -> dict[str, Any]:
-        """The full metadata plus a ``file`` section: path, size, sha256, the blobs it
-        takes tensors from (``blobs``: sha256, path, size_bytes, present, tensors,
-        used_bytes) and ``shared_bytes``; ``base_path`` etc. name the first blob."""
-        path = self._existing(name)
-        info = self._info(name, path)
-        try:
-            meta = parse_stored_metadata(metadata_of(read_header(path)), f"model '{name}'")
-            file_sha = sha256_file(path)
-        except (DamagedFileError, NotRegularFileError) as exc:
-            raise _damaged(name, path, exc) from None
-        out = dict(meta)
-        out["file"] = {"path": str(path), "size_bytes": info.size_bytes, "sha256": file_sha,
-                       "shared_bytes": info.shared_bytes, "blobs": []}
-        if os.path.islink(path):
-            out["file"]["link_to"] = os.path.realpath(path)
-        used = {b["sha256"]: b.get("bytes", 0) for b in (meta.get("shared") or {}).get(
-            "blobs", [])}
-        if meta.get("base"):
-            used.setdefault(meta["base"]["sha256"], meta["base"].get("size_bytes", 0))
-        for sha, mapping in sharing.references(meta):
-            blob = self.blobs.path(sha)
-            out["file"]["blobs"].append({
-                "sha256": sha, "path": str(blob), "size_bytes": self.blobs.size(sha),
-                "present": blob.is_file(),
-                "tensors": len(self.blobs.keys(sha)) if "*" in mapping else len(mapping),
-                "used_bytes": used.get(sha, 0)})
-        if out["file"]["blobs"]:
-            first = out["file"]["blobs"][0]
-            out["file"].update(base_path=first["path"], base_size_bytes=first["size_bytes"],
-                               base_present=first["present"])
-        return out
+        """The full metadata plus a ``file`` section (see :meth:`ModelFiles.show`)."""
+        return self.models.show(name)
 
     def usage(self) -> dict[str, int]:
         """Bytes on disk by part (``models``, ``blobs``, ``weights``, ``other``) and
@@ -350,7 +229,7 @@ class ModelStore:
         file it points to (which is kept), a hard-linked one nothing while another link
         remains."""
         with store_lock(self.root):
-            path = self._existing(name)
+            path = self.models.existing(name)
             kept = None
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
@@ -389,28 +268,10 @@ class ModelStore:
         return self.blobs.remove_unreferenced(referenced)
 
     def _referenced(self) -> set[str] | None:
-        """Every 64-hex string in every model header and imported-weights pointer (a
-        superset of the blobs they use), or None when one cannot be read (then nothing
-        may be collected). Entries that are not regular files refer to nothing."""
-        refs: set[str] = set()
-        try:
-            entries = os.listdir(self.models_dir)
-        except FileNotFoundError:
-            entries = []
-        except OSError:
-            return None
-        for entry in entries:
-            if not entry.endswith(SUFFIX) or is_temp_name(entry):
-                continue
-            path = self.models_dir / entry
-            if not is_regular(path):
-                continue
-            found = _header_hashes(path)
-            if found is None:
-                return None
-            refs |= found
+        """The blobs models and imports may use (a superset), None if unknowable."""
+        models = self.models.referenced_blobs()
         weights = self.weights.referenced_blobs()
-        return None if weights is None else refs | weights
+        return None if models is None or weights is None else models | weights
 
     # -- verify ------------------------------------------------------------------------
     def verify(self, name: str | None = None) -> list[VerifyResult]:
@@ -418,9 +279,9 @@ class ModelStore:
         model, blob and imported-weights entry in the store."""
         checked: dict[str, str | None] = {}
         if name is not None:
-            return [self._verify_model(name, self._existing(name), checked)]
-        results = [self._verify_model(n, self.models_dir / f"{n}{SUFFIX}", checked)
-                   for n in self._names()]
+            self.models.existing(name)
+            return [self.models.verify(name, checked)]
+        results = [self.models.verify(n, checked) for n in self.models.names()]
         for sha in self.blobs.shas():
             if sha not in checked:
                 checked[sha] = self.blobs.check_file(sha)
@@ -428,32 +289,6 @@ class ModelStore:
                                         checked[sha], "blob", self.blobs.path(sha)))
         results.extend(self.weights.verify(checked))
         return results
-
-    def _verify_model(self, name: str, path: Path, checked: dict[str, str | None]
-                      ) -> VerifyResult:
-        try:
-            header = verify_sealed(path)
-            meta = parse_stored_metadata(metadata_of(header), "metadata")
-        except (StoreError, OSError) as exc:
-            return VerifyResult(name, False, _msg(exc), "model", path)
-        own = set(tensor_names(header))
-        for sha, mapping in sharing.references(meta):
-            if sha not in checked:
-                checked[sha] = self.blobs.check_file(sha)
-            if checked[sha]:
-                return VerifyResult(name, False, checked[sha], "model", path)
-            keys = self.blobs.keys(sha)
-            missing = [bk for k, bk in mapping.items() if k != "*" and bk not in keys]
-            if missing:
-                return VerifyResult(name, False, f"blob {sha[:12]} has no tensor "
-                                    f"{missing[0]!r}", "model", path)
-            both = own & set(mapping) if "*" not in mapping else {
-                k for k in own if k.startswith(mapping["*"]) and
-                k[len(mapping["*"]):] in keys}
-            if both:
-                return VerifyResult(name, False, f"tensor {sorted(both)[0]!r} is both in the "
-                                    "file and in a blob", "model", path)
-        return VerifyResult(name, True, None, "model", path)
 
     # -- imported pretrained weights ---------------------------------------------------
     def import_weights(self, backbone: str, tensors: Mapping[str, torch.Tensor],
@@ -467,7 +302,7 @@ class ModelStore:
         self.weights.pointer_path(backbone)  # check the name before anything else
         if not tensors:
             raise StoreError(f"no tensors to import for '{backbone}'")
-        _check_tensors(dict(tensors))
+        check_tensors(dict(tensors))
         with store_lock(self.root):
             path = self.weights.put(backbone, tensors, provenance, source_metadata)
             self._gc_locked()
@@ -492,42 +327,3 @@ class ModelStore:
         """Imported weights: backbone, path, size_bytes, blob, pointer, source_name,
         imported."""
         return self.weights.entries()
-
-
-def _check_tensors(tensors: dict[str, Any]) -> None:
-    import torch
-
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise StoreError(f"state dict key {name!r} is not a string")
-        if not isinstance(t, torch.Tensor):
-            raise StoreError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-
-
-def _header_hashes(path: Path) -> set[str] | None:
-    """Every 64-hex string in a model file's header, or None when it cannot be read."""
-    try:
-        with open_regular(path) as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return None
-            n = int.from_bytes(head, "little")
-            if n > _MAX_HEADER:
-                return None
-            text = fh.read(n)
-    except (StoreError, OSError):
-        return None
-    return {m.decode() for m in _HEX64.findall(text)}
-
-
-def _msg(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split())
-
-
-def _damaged(name: str, path: Path, exc: Exception) -> StoreError:
-    if isinstance(exc, NotRegularFileError):
-        return StoreError(f"model '{name}' ({path}) is {exc.kind}, not a model file")
-    return StoreError(f"model '{name}' is damaged ({path}): {_msg(exc)}; "
-                      "run `tk store verify`")
