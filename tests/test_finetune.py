@@ -169,5 +169,6 @@ def test_resume_with_other_settings_is_a_user_error(env: dict[str, str]):
     assert killed.returncode == -9
     proc = tk([*common, "--head", "mlp", "--resume"], env, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "made with other settings" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 2  # the set-up line, then the error
+    assert "was made with another model (head: 'heads:linear' then, 'heads:mlp' now)" \
+        in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # refused before the set-up line

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+# the venv's torchrun script, else the same launcher as a module (a venv may lack the script)
+_SCRIPT = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+TORCHRUN = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "torch.distributed.run"]
 # fully frozen (BatchNorm statistics fixed), no augmentation, no dropout: one process with
 # batch 16 and two with 8 each see the same global batches, so they must agree closely.
 COMPARABLE = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
@@ -37,7 +40,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.C
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
+    return run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
 
 
 def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_path: Path):
@@ -101,26 +104,34 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
     assert len(files) == 1
 
 
-def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path, monkeypatch):
-    """A disk that refuses the cache (full, size limit) is not fatal and leaves no temp."""
+WRITE_CACHE = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    import torch
+    from toolkit.train import features
+    cache = Path(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # writes past 4 KB fail
+    tensors = {"train_x": torch.zeros(64, 64), "train_y": torch.zeros(64, dtype=torch.long)}
+    print(features._write(cache / "k.safetensors", tensors, cache, "slot", "k"))
+""")
+
+
+def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path):
+    """A disk that refuses the cache (a real file-size limit: 16 KB of features past 4 KB)
+    is not fatal, and the atomic writer leaves no temp file; a folder in the way neither."""
+    cache = tmp_path / "cache"
+    proc = run([sys.executable, "-c", WRITE_CACHE, str(cache)],
+               {**os.environ, "PYTHONPATH": str(HERE.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert list(cache.iterdir()) == []  # neither the entry nor a temp file
     import torch
 
     from toolkit.train import features
 
-    class SafetensorError(Exception):  # what safetensors raises on a failed write
-        pass
-
-    def refuse(tensors, path):
-        Path(path).write_bytes(b"partial")
-        raise SafetensorError("Error while serializing: IoError(File too large (os error 27))")
-
-    monkeypatch.setattr(features, "save_file", refuse)
-    cache = tmp_path / "cache"
-    tensors = {"train_x": torch.zeros(2, 3)}
-    assert features._write(cache / "k.safetensors", tensors, cache, "slot", "k") is False
-    assert list(cache.iterdir()) == []
     blocked = tmp_path / "file"
     blocked.write_text("x")
+    tensors = {"train_x": torch.zeros(2, 3)}
     assert features._write(blocked / "k.safetensors", tensors, blocked / "c", "s", "k") is False
 
 
