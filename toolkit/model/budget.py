@@ -4,7 +4,8 @@ one clear line once the total passes the limit. Run on torch's meta device first
 (:func:`check_on_meta`) this costs no memory, so ``--opt head.layers=100000000`` or a
 backbone width of a million is refused before anything is allocated.
 
-Limits: ``TK_MAX_MODEL_BYTES`` (default: half this machine's memory) for the bytes of all
+Limits: ``TK_MAX_MODEL_BYTES`` (default: an eighth of this machine's memory, since training
+needs several times the weights' size: gradients, optimizer state) for the bytes of all
 parameters and buffers, and :data:`MAX_TENSORS` registered tensors (real networks have a
 few thousand; the count also bounds the Python objects a runaway loop creates)."""
 
@@ -25,14 +26,14 @@ class ModelTooLargeError(TkError):
 
 
 def default_limit_bytes() -> int:
-    """``TK_MAX_MODEL_BYTES``, else half the physical memory (16 GiB if unknown)."""
+    """``TK_MAX_MODEL_BYTES``, else an eighth of the physical memory (4 GiB if unknown)."""
     from toolkit import env
 
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         physical = 32 << 30
-    return env.integer("TK_MAX_MODEL_BYTES", physical // 2, minimum=1)
+    return env.integer("TK_MAX_MODEL_BYTES", physical // 8, minimum=1)
 
 
 def _human(n: float) -> str:
@@ -66,8 +67,9 @@ class Budget:
             if self.bytes > self.limit:
                 raise ModelTooLargeError(
                     f"{what} is too large: its parameters and buffers pass "
-                    f"{_human(self.limit)} (the limit: half this machine's memory unless "
-                    "TK_MAX_MODEL_BYTES says otherwise)")
+                    f"{_human(self.limit)}, the limit (an eighth of this machine's memory: "
+                    "training needs several times the weights' size; TK_MAX_MODEL_BYTES "
+                    "sets another)")
             if self.tensors > self.max_tensors:
                 raise ModelTooLargeError(
                     f"{what} is too large: it registers more than {self.max_tensors} "

@@ -90,11 +90,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise TkError(f"no checkpoint at {path} to resume from") from None
+        raise TkError(f"no checkpoint at {path}") from None
     except OSError as exc:
         raise TkError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
-        raise TkError(f"checkpoint {path} is not a regular file; start again without --resume")
+        raise TkError(f"the checkpoint {path} is not a regular file; start again without "
+                      "--resume")
     try:
         raw, header = read_sealed(path)
         skeleton = json.loads(metadata_of(header)[SKELETON_KEY])
@@ -103,5 +104,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise TkError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except (StoreError, KeyError, ValueError, TypeError, RecursionError) as exc:
         why = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise TkError(f"checkpoint {path} is damaged ({why}); start again without "
+        raise TkError(f"the checkpoint {path} is damaged ({why}); start again without "
                       "--resume") from None

@@ -126,7 +126,8 @@ class Loop:
                             img_s=f"{seen * self.dist.world_size / max(elapsed, 1e-9):.0f}")
 
     @torch.inference_mode()
-    def evaluate(self, net: nn.Module, loader: Any) -> tuple[dict[str, float], torch.Tensor]:
+    def evaluate(self, net: nn.Module, loader: Any, epoch: int | None = None
+                 ) -> tuple[dict[str, float], torch.Tensor]:
         """Loss, top-1 (and top-5 with more than 5 classes) and the confusion matrix over the
         whole validation set (summed across ranks; every sample counted once)."""
         net.eval()
@@ -156,7 +157,8 @@ class Loop:
         if c > 5:
             metrics["val_top5"] = packed[c * c + 1].item() / n
         if not math.isfinite(metrics["val_loss"]):
-            raise TkError(f"the validation loss became {metrics['val_loss']}: "
+            when = f" in epoch {epoch}" if epoch is not None else ""
+            raise TkError(f"the validation loss became {metrics['val_loss']}{when}: "
                           f"{self.non_finite_hint}; no model is saved")
         return metrics, confusion
 

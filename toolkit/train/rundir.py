@@ -54,6 +54,10 @@ class RunDir:
             self.clean_temps()
             yield
         finally:
+            if not self.checkpoint.exists():  # finished, or failed before any epoch ended
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK).unlink()
+                    self.path.rmdir()
             os.close(fd)  # releases the flock
 
     def clean_temps(self) -> list[Path]:
@@ -71,12 +75,9 @@ class RunDir:
         return removed
 
     def finish(self) -> None:
-        """The model is saved: drop the checkpoint and the folder (the lock file last, and
-        only if nothing else is there)."""
+        """The model is saved: the checkpoint is not needed any more (the folder goes when
+        the lock is released)."""
         self.checkpoint.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (self.path / LOCK).unlink()
-            self.path.rmdir()
 
 
 def _lock_file(path: Path, name: str) -> int:

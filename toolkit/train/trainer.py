@@ -270,7 +270,7 @@ class Trainer:
             why = " ".join(str(exc).split())[:200]
             raise TkError(f"--resume: the optimizer state in {self.checkpoint} does not fit "
                           f"this run ({why}); start again without --resume") from None
-        val_metrics, confusion = self.loop.evaluate(nets.eval, val_loader)
+        val_metrics, confusion = self.loop.evaluate(nets.eval, val_loader, epoch)
         metrics = {"epoch": epoch, **train_metrics, **val_metrics,
                    "epoch_time": time.perf_counter() - t0}
         return metrics, confusion
@@ -319,7 +319,10 @@ class Trainer:
         path = self.checkpoint
         if path is None or not path.exists():
             raise TkError(f"--resume: no checkpoint in {path.parent if path else 'this run'}")
-        saved = load_checkpoint(path)
+        try:
+            saved = load_checkpoint(path)
+        except TkError as exc:
+            raise TkError(f"--resume: {exc}") from None
         where = f"--resume: the checkpoint {path}"
         if not isinstance(saved, dict) or set(saved) != CHECKPOINT_KEYS:
             raise TkError(f"{where} is not a tk training checkpoint (or an older tk wrote "
