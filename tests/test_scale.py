@@ -64,6 +64,20 @@ def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_pa
     assert ddp.stderr.count("saved model") == 1  # rank 0 alone logs and saves
 
 
+def test_torchrun_gradual_unfreezing_rewraps_ddp(env: dict[str, str], tmp_path: Path):
+    """When a layer group thaws the trainable set changes and DDP is rewrapped (around
+    the same, possibly compiled, module); both ranks go on in step and rank 0 saves."""
+    ddp = torchrun(["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
+                    "--no-pretrained", "--freeze", "1", "--unfreeze-at", "2", "-q",
+                    "--opt", "dataset.samples=60", "--opt", "dataset.image_size=32",
+                    "--batch-size", "8", "--name", "thaw", "--json"], env)
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stderr.count("unfroze backbone layer groups 1..1") == 1  # rank 0 logs
+    history = json.loads(ddp.stdout.strip().splitlines()[-1])["history"]
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert (tmp_path / "store" / "models" / "thaw.safetensors").exists()
+
+
 def test_a_failing_rank_ends_the_job(env: dict[str, str]):
     args = ["--plugin", KILLER, "finetune", "--backbone", "tiny-cnn", "--classes", "3",
             "--epochs", "3", "--no-pretrained", "--opt", "dataset.samples=60",
@@ -85,8 +99,13 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
             "--opt", "dataset.samples=150", "--opt", "dataset.image_size=32", "--json",
             "--lr", "0.05"]
     tk = [sys.executable, "-m", "toolkit"]
+    cache_dir = tmp_path / "store" / "cache" / "features"
+    cache_dir.mkdir(parents=True)
+    stale = cache_dir / ".tk-tmp-999999-dead-x.safetensors"  # a killed writer's
+    stale.write_bytes(b"partial")
     first = run([*tk, *base, "--name", "c1"], env)
     assert "feature cache: computed" in first.stderr
+    assert not stale.exists()  # gone with the next successful write
     cached = _epochs(first)
     second = run([*tk, *base, "--name", "c2"], env)
     assert "feature cache: using" in second.stderr

@@ -5,8 +5,9 @@ model and early stopping. Each job has its own part:
 - :class:`toolkit.train.loop.Loop`: one training epoch, one evaluation pass;
 - :class:`toolkit.train.progress.Progress`: history, best epoch and weights, early stop;
 - :class:`Nets`: the modules an epoch runs (compiled once, DDP-wrapped in one place);
+- :mod:`toolkit.train.resume`: what a checkpoint holds, and restoring a run from one;
 - :mod:`toolkit.train.checkpoint`: storing and reading state faithfully;
-- :class:`Trainer`: the order of it all, and what a checkpoint holds.
+- :class:`Trainer`: the order of it all.
 
 Works single-process and under torchrun (DDP); only rank 0 logs, shows progress and
 writes files."""
@@ -14,7 +15,6 @@ writes files."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -31,20 +31,11 @@ from toolkit.data.loader import make_loader
 from toolkit.devices import grad_scaler, pin_memory
 from toolkit.errors import TkError
 from toolkit.model.freezing import Freezing
-from toolkit.train.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.train import resume as resume_mod
+from toolkit.train.checkpoint import save_checkpoint
 from toolkit.train.loop import Loop, Schedule, check_batch_norm
 from toolkit.train.optim import param_groups
 from toolkit.train.progress import Progress
-
-CHECKPOINT_FORMAT = 2
-CHECKPOINT_KEYS = {"format", "run", "state", "freezing", "model", "best", "optimizer",
-                   "scaler"}
-# which part of a run's identity a key belongs to (for the message when a resume differs)
-IDENTITY = {"classes": "other classes", "backbone": "another model",
-            "backbone_options": "another model", "head": "another model",
-            "head_options": "another model", "input_size": "another model",
-            "dataset": "other data", "dataset_options": "other data",
-            "val_split": "other data", "seed": "other data"}
 
 
 @dataclass
@@ -300,47 +291,14 @@ class Trainer:
     def _save_checkpoint(self, progress: Progress, opt: torch.optim.Optimizer,
                          scaler: Any) -> None:
         assert self.checkpoint is not None
-        current = self.model.state_dict()
-        state, best = progress.to_checkpoint(current)
-        save_checkpoint(self.checkpoint, {
-            "format": CHECKPOINT_FORMAT,
-            "run": self.identity,
-            "state": state,
-            "freezing": self.freezing.state_dict(),
-            "model": current,
-            "best": best,
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        })
+        save_checkpoint(self.checkpoint, resume_mod.pack(
+            identity=self.identity, progress=progress, freezing=self.freezing,
+            model=self.model, optimizer=opt, scaler=scaler))
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The run's checkpoint (rank 0), its format and identity checked: a resume with
         other data, classes or model is refused here, before anything is trained."""
-        path = self.checkpoint
-        if path is None or not path.exists():
-            raise TkError(f"--resume: no checkpoint in {path.parent if path else 'this run'}")
-        try:
-            saved = load_checkpoint(path)
-        except TkError as exc:
-            raise TkError(f"--resume: {exc}") from None
-        where = f"--resume: the checkpoint {path}"
-        if not isinstance(saved, dict) or set(saved) != CHECKPOINT_KEYS:
-            raise TkError(f"{where} is not a tk training checkpoint (or an older tk wrote "
-                          "it); start again without --resume")
-        if saved["format"] != CHECKPOINT_FORMAT:
-            raise TkError(f"{where} has format {saved['format']!r}, this tk reads "
-                          f"{CHECKPOINT_FORMAT}; start again without --resume")
-        old = saved["run"]
-        if not isinstance(old, dict):
-            raise TkError(f"{where} has no run identity; start again without --resume")
-        for key in sorted(set(old) | set(self.identity)):
-            then, now = old.get(key), self.identity.get(key)
-            if then != now:
-                what = IDENTITY.get(key, "other training settings")
-                raise TkError(f"{where} was made with {what} ({key}: {_short(then)} then, "
-                              f"{_short(now)} now); resume with the original command, or start "
-                              "again without --resume")
-        return saved
+        return resume_mod.read(self.checkpoint, self.identity)
 
     def _start(self, resume: bool, saved: dict[str, Any] | None
                ) -> tuple[torch.optim.Optimizer, Any, Progress]:
@@ -354,99 +312,11 @@ class Trainer:
             return opt, scaler, Progress()
         saved = D.broadcast_object(saved if self.dist.is_main else None)
         assert saved is not None
-        where = f"--resume: the checkpoint {self.checkpoint}"
-        try:
-            self._load_model(saved["model"])
-            progress = Progress.from_checkpoint(
-                saved["state"], saved["best"], self.model.state_dict(),
-                epochs=self.cfg.epochs, num_classes=self.num_classes)
-            self.freezing.replay(progress.epoch, opt, self._new_groups)
-            self.freezing.check_state(saved["freezing"], progress.epoch)
-            _load_optimizer(opt, saved["optimizer"])
-            _load_scaler(scaler, saved["scaler"])
-        except TkError as exc:
-            raise TkError(f"{where}: {exc}; resume with the original command, or start again "
-                          "without --resume") from None
+        progress = resume_mod.restore(
+            saved, where=self.checkpoint, model=self.model, freezing=self.freezing,
+            optimizer=opt, scaler=scaler, new_groups=self._new_groups,
+            epochs=self.cfg.epochs, num_classes=self.num_classes)
         if self.dist.is_main:
             self.log(f"resuming after epoch {progress.epoch} of {self.cfg.epochs} from "
                      f"{self.checkpoint}")
         return opt, scaler, progress
-
-    def _load_model(self, state: Any) -> None:
-        if not isinstance(state, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-            raise TkError("its model weights are malformed")
-        try:
-            self.model.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise TkError("it was made with other settings (backbone, head, classes or "
-                          f"options: {' '.join(str(exc).split())[:200]})") from None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, state: Any) -> None:
-    """Load a saved optimizer state after checking its structure against ``opt``'s own:
-    the same parameter groups with the same kinds of values, per-parameter state made of
-    tensors and finite numbers."""
-    fresh = opt.state_dict()
-    ok = (isinstance(state, dict) and set(state) == {"state", "param_groups"}
-          and isinstance(state["param_groups"], list) and isinstance(state["state"], dict)
-          and len(state["param_groups"]) == len(fresh["param_groups"]))
-    if not ok:
-        raise TkError("its optimizer state is malformed or for other parameters")
-    for saved_group, group in zip(state["param_groups"], fresh["param_groups"], strict=True):
-        if not isinstance(saved_group, dict) or set(saved_group) != set(group):
-            raise TkError("its optimizer was another one, or had other options")
-        if saved_group["params"] != group["params"]:
-            raise TkError("its optimizer covered other parameters")
-        for key, value in group.items():
-            if key != "params" and not _same_kind(saved_group[key], value):
-                raise TkError(f"its optimizer setting {key!r} is {_short(saved_group[key])}")
-    params = {i for g in fresh["param_groups"] for i in g["params"]}
-    for index, entry in state["state"].items():
-        if index not in params or not isinstance(entry, dict):
-            raise TkError("its optimizer state is for other parameters")
-        for key, value in entry.items():
-            if not (isinstance(key, str) and (_finite_number(value) or (
-                    isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all())))):
-                raise TkError(f"its optimizer state {key!r} is not a finite number or tensor")
-    try:
-        opt.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise TkError(f"its optimizer state does not load ({' '.join(str(exc).split())[:200]})"
-                      ) from None
-
-
-def _finite_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _same_kind(saved: Any, fresh: Any) -> bool:
-    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
-        return type(saved) is type(fresh) and (not isinstance(fresh, str) or saved == fresh)
-    if isinstance(fresh, (int, float)):
-        return _finite_number(saved)
-    if isinstance(fresh, (tuple, list)):
-        return (isinstance(saved, (tuple, list)) and len(saved) == len(fresh)
-                and all(_same_kind(s, f) for s, f in zip(saved, fresh, strict=True)))
-    if isinstance(fresh, torch.Tensor):
-        return isinstance(saved, torch.Tensor) and saved.shape == fresh.shape
-    return type(saved) is type(fresh)
-
-
-def _load_scaler(scaler: Any, state: Any) -> None:
-    if not isinstance(state, dict):
-        raise TkError("its grad-scaler state is malformed")
-    if not scaler.is_enabled() or not state:
-        return
-    if not all(isinstance(k, str) and _finite_number(v) and v >= 0 for k, v in state.items()):
-        raise TkError("its grad-scaler state is not finite non-negative numbers")
-    try:
-        scaler.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise TkError(f"its grad-scaler state does not load ({exc})") from None
