@@ -370,6 +370,29 @@ def test_second_run_with_the_same_name_is_refused_and_the_first_unharmed(tmp_pat
     assert not (home / "runs" / "shared").exists()  # checkpoint and lock gone with the run
 
 
+def test_default_names_of_runs_started_together_do_not_collide(tmp_path: Path):
+    """Default names have one-second resolution: a default name another run holds, or
+    that a model already has, becomes NAME-2, NAME-3...; a name the user gave is refused."""
+    from model_store import ModelStore
+    from toolkit.errors import TkError
+    from toolkit.train.finetune import Outputs
+    from toolkit.train.rundir import RunDir
+
+    store = ModelStore(tmp_path / "store")
+    runs = store.root / "runs"
+    store.models_dir.mkdir(parents=True)
+    (store.models_dir / "m-2.safetensors").write_bytes(b"a finished model")
+    with RunDir(runs, "m").lock():  # another run holds "m"
+        chosen = Outputs(store, "m", RunDir(runs, "m"), True, default_name=True)
+        with chosen.claim():
+            assert chosen.name == "m-3" and (runs / "m-3" / ".lock").exists()
+        given = Outputs(store, "m", RunDir(runs, "m"), True, default_name=False)
+        with pytest.raises(TkError, match="run 'm' is in progress in another process"):
+            with given.claim():
+                pass
+    assert not (runs / "m-3").exists()  # no checkpoint: the folder went with the lock
+
+
 # -- a store that cannot take the result -----------------------------------------------------
 
 @pytest.fixture

@@ -95,22 +95,46 @@ class Outputs:
     name: str
     run: Any  # toolkit.train.rundir.RunDir
     is_main: bool
+    default_name: bool = False  # tk chose the name: another one is fine
 
     @contextlib.contextmanager
     def claim(self) -> Iterator[None]:
         """Rank 0 holds the run's lock for the whole run and checks, before any work, that
-        every place the run writes to is writable."""
+        every place the run writes to is writable. A default name another run holds (two
+        runs started in the same second) becomes ``NAME-2``, ``NAME-3``..."""
         if not self.is_main:
             yield
             return
         from toolkit.train.rundir import check_writable
 
-        with self.run.lock():
+        with self._locked():
             root = self.store.root
             check_writable([(self.store.models_dir, "the model store's models folder"),
                             (self.store.bases_dir, "the model store's bases folder"),
                             (root / "artifacts", "the model store's artifacts folder"),
                             (self.run.path, "the run folder")])
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        from toolkit.train.rundir import RunDir, RunInProgressError
+
+        base = self.name
+        with contextlib.ExitStack() as held:
+            for attempt in range(2, 102):
+                try:
+                    held.enter_context(self.run.lock())
+                except RunInProgressError:
+                    if not self.default_name:
+                        raise
+                else:
+                    if not (self.default_name and self.store.model_path(self.name).exists()):
+                        break
+                    held.close()  # a model of that name appeared meanwhile: next name
+                self.name = f"{base}-{attempt}"
+                self.run = RunDir(self.run.root, self.name)
+            else:
+                raise TkError(f"no free default name after {base}-101; pass --name")
             yield
 
 
@@ -124,15 +148,16 @@ def plan_outputs(args: FinetuneArgs, components: Components) -> Outputs:
     runs = store.root / "runs"
     ensure_dir(runs, "model store")  # an unwritable store fails now, not after training
     name = args.name
+    chosen = name is None and not args.resume
     if name is None:
         name = (RunDir.latest(runs) if args.resume
                 else default_name(components.backbone.name, components.dataset.name))
     check_name(name)  # before training, whatever --overwrite / --resume say
-    if not args.resume and not args.overwrite and store.model_path(name).is_file():
+    if not (chosen or args.resume or args.overwrite) and store.model_path(name).is_file():
         raise TkError(f"model '{name}' already exists in {store.root}; "
                       "choose another --name or pass --overwrite")
     is_main = env.integer("RANK", 0) == 0  # torchrun's; torch is not imported yet
-    return Outputs(store, name, RunDir(runs, name), is_main)
+    return Outputs(store, name, RunDir(runs, name), is_main, default_name=chosen)
 
 
 def default_name(backbone: str, dataset: str) -> str:

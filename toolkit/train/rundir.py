@@ -18,6 +18,11 @@ from pathlib import Path
 
 from toolkit.errors import StoreError, TkError
 
+
+class RunInProgressError(TkError):
+    """Another process holds the run's lock."""
+
+
 CHECKPOINT = "checkpoint.safetensors"
 LOCK = ".lock"
 
@@ -98,9 +103,9 @@ def _lock_file(path: Path, name: str) -> int:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise TkError(f"run '{name}' is in progress in another process (its lock "
-                              f"{path} is held); wait for it to finish, or choose another "
-                              "--name") from None
+                raise RunInProgressError(
+                    f"run '{name}' is in progress in another process (its lock {path} is "
+                    "held); wait for it to finish, or choose another --name") from None
             raise StoreError(f"cannot lock run '{name}' ({path}): "
                              f"{exc.strerror or exc}") from None
         # the holder may have removed the file between our open and our lock (it does so
