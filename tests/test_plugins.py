@@ -22,7 +22,7 @@ from typing import Any
 import click
 import pytest
 
-from toolkit.errors import AmbiguousNameError, PluginError, UnknownNameError
+from toolkit.errors import AmbiguousNameError, PluginBugError, PluginError, UnknownNameError
 from toolkit.plugin import hookspecs
 from toolkit.plugin.manager import load_plugins
 from toolkit.plugin.registry import KINDS, Registry
@@ -202,33 +202,43 @@ def test_plugin_calling_sys_exit_on_import_is_recorded(tmp_path: Path) -> None:
     assert plugins.records["exits"].error == "import: SystemExit: 3"
 
 
-def test_plugin_raising_in_registration_is_recorded_and_the_rest_works(site: Path) -> None:
+def test_plugin_raising_in_registration_loses_that_hook_only(site: Path) -> None:
     mod = unique("halfway")
     source = backbone_plugin("early-net", extra="""
         @hookimpl
         def tk_register_heads(register):
+            register("half-head", factory)
             raise ValueError("head table is corrupt")
         """)
     install_dist(site, "tk-halfway", "0.1", {"halfway": mod}, {mod: source})
     plugins = load_plugins(env=NO_ENV)
     heads = plugins.registry("heads")
-    assert plugins.records["halfway"].error == (
-        "register heads: ValueError: head table is corrupt")
+    record = plugins.records["halfway"]
+    assert record.error is None
+    assert record.problems == ["tk_register_heads raised ValueError: head table is corrupt"]
     assert heads.resolve("linear").owner == "heads"
+    assert "half-head" not in heads  # what the failing hook registered before raising
     assert plugins.registry("backbones").resolve("early-net").owner == "halfway"
 
 
-def test_plugin_with_a_misspelt_hook_argument_is_recorded(tmp_path: Path) -> None:
+def test_plugin_with_a_misspelt_hook_argument_gets_did_you_mean(tmp_path: Path) -> None:
     path = write_module(tmp_path, "typo", textwrap.dedent("""
         from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_backbones(registr):
             registr("x", print)
+
+        @hookimpl
+        def tk_register_heads(register):
+            register("typo-head", print)
         """))
     plugins = load_plugins([str(path)], env=NO_ENV)
-    error = plugins.records["typo"].error
-    assert error.startswith("register: ") and "registr" in error and "\n" not in error
+    record = plugins.records["typo"]
+    assert record.error is None and record.hooks == ["tk_register_heads"]
+    assert record.problems == ["tk_register_backbones has no parameter 'registr' (did you "
+                               "mean 'register'?) (it takes register)"]
+    assert plugins.registry("heads").resolve("typo-head").owner == "typo"
 
 
 def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path) -> None:
@@ -244,11 +254,40 @@ def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path
             register("seen-head", print)
         """))
     plugins = load_plugins([str(path)], env=LIGHT)
-    assert plugins.records["misspelt"].error == (
-        "register: toolkit.errors.PluginError: unknown hook tk_register_backbone "
-        "(did you mean tk_register_backbones?)")
-    assert "seen-head" not in plugins.registry("heads")  # the whole plugin is out
-    assert load_plugins(env=LIGHT).registry("heads").resolve("linear")
+    assert plugins.records["misspelt"].problems == [
+        "tk_register_backbone is not a tk hook (did you mean tk_register_backbones?)"]
+    assert plugins.registry("heads").resolve("seen-head").owner == "misspelt"  # kept
+    with pytest.raises(UnknownNameError) as err:
+        plugins.registry("backbones").resolve("never-seen")
+    assert str(err.value).endswith(
+        "; note: plugin 'misspelt' (--plugin " + str(path) + ") has a problem: "
+        "tk_register_backbone is not a tk hook (did you mean tk_register_backbones?) "
+        "(see `tk plugins`)")
+    with pytest.raises(PluginError, match=r"^plugin 'misspelt': tk_register_backbone is not"):
+        load_plugins([str(path)], env={**LIGHT, "TK_STRICT_PLUGINS": "1"})
+
+
+def test_a_function_named_like_a_hook_without_hookimpl_is_a_problem(tmp_path: Path) -> None:
+    path = write_module(tmp_path, "unmarked", textwrap.dedent("""
+        from toolkit.plugin.hookspecs import hookimpl
+
+        def tk_register_heads(register):
+            register("never-registered", print)
+
+        def tk_helper_for_tests():  # not named like a hook: fine
+            pass
+
+        @hookimpl
+        def tk_register_losses(register):
+            register("marked-loss", print)
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    record = plugins.records["unmarked"]
+    assert record.hooks == ["tk_register_losses"] and record.error is None
+    assert record.problems == ["tk_register_heads is named like a hook but not marked with "
+                               "@hookimpl, so it would never be called"]
+    with pytest.raises(PluginError, match="not marked with @hookimpl"):
+        load_plugins([str(path)], env={**LIGHT, "TK_STRICT_PLUGINS": "yes"})
 
 
 def test_strict_makes_an_import_failure_fatal_naming_the_plugin(site: Path) -> None:
@@ -269,7 +308,8 @@ def test_strict_makes_a_registration_failure_fatal_naming_the_plugin(tmp_path: P
             raise KeyError("oops")
         """))
     plugins = load_plugins([str(path)], env={"TK_STRICT_PLUGINS": "true"})
-    with pytest.raises(PluginError, match="plugin 'fails_late' failed to register losses"):
+    with pytest.raises(PluginError, match="^plugin 'fails_late': tk_register_losses raised "
+                                          "KeyError: 'oops'"):
         plugins.registry("losses")
 
 
@@ -372,18 +412,23 @@ def test_listing_matches_fnmatch_patterns_on_bare_and_qualified_names() -> None:
     assert len(names(None)) == len(reg) == 5
 
 
-@pytest.mark.parametrize(("name", "factory", "problem"), [
-    ("bad:name", print, "invalid backbone name"),
-    ("", print, "invalid backbone name"),
-    ("no-factory", 42, "without a factory"),
+@pytest.mark.parametrize(("name", "factory", "info", "problem"), [
+    ("bad:name", print, {}, "invalid backbone name"),
+    ("", print, {}, "invalid backbone name"),
+    ("no-factory", 42, {}, "without a factory"),
+    ("lr-text", print, {"default_lr": "fast"}, "default_lr='fast': expected a positive number"),
+    ("lr-zero", print, {"default_lr": 0}, "default_lr=0: expected a positive number"),
 ])
 def test_bad_registrations_are_reported_against_the_plugin(tmp_path: Path, name: str,
-                                                           factory: Any, problem: str) -> None:
+                                                           factory: Any, info: dict[str, Any],
+                                                           problem: str) -> None:
     plugin = type("Plugin", (), {})()
-    plugin.tk_register_backbones = hookspecs.hookimpl(lambda register: register(name, factory))
+    plugin.tk_register_backbones = hookspecs.hookimpl(
+        lambda register: (register(name, factory, **info), register("fine", print)))
     plugins = fresh_plugins(("sloppy", plugin), builtins=False, strict=False)
-    assert len(plugins.registry("backbones")) == 0
-    assert problem in plugins.records["sloppy"].error
+    assert [c.name for c in plugins.registry("backbones").list()] == ["fine"]
+    [reported] = plugins.records["sloppy"].problems
+    assert problem in reported and "sloppy" in reported
 
 
 def test_same_plugin_registering_a_name_twice_is_reported(tmp_path: Path) -> None:
@@ -395,7 +440,8 @@ def test_same_plugin_registering_a_name_twice_is_reported(tmp_path: Path) -> Non
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
     plugins.registry("datasets")
-    assert "registered dataset 'd' twice" in plugins.records["stutter"].error
+    assert plugins.records["stutter"].problems == [
+        "plugin 'stutter' registered dataset 'd' twice"]
 
 
 def test_unknown_kind_is_an_error() -> None:
@@ -485,10 +531,13 @@ def test_a_failing_observer_warns_and_training_goes_on(
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
     plugins.notify("tk_epoch_end", epoch=2, metrics={})
-    assert "plugin 'grumpy' failed in tk_epoch_end: disk full" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"tk: warning: plugin 'grumpy' (--plugin {path}) failed "
+                                       "in tk_epoch_end: OSError: disk full\n")
     strict = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": "", "TK_STRICT_PLUGINS": "1"})
-    with pytest.raises(PluginError, match="plugin 'grumpy' failed in tk_epoch_end"):
+    with pytest.raises(PluginBugError, match=r"plugin 'grumpy' \(--plugin .*\) raised "
+                                             r"OSError: disk full in tk_epoch_end") as err:
         strict.notify("tk_epoch_end", epoch=2, metrics={})
+    assert err.value.exit_code == 1
 
 
 def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> None:
@@ -500,8 +549,10 @@ def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> 
             cli.add_command(None)
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
-    plugins.add_commands(click.Group("tk"))
-    assert plugins.records["nocmd"].error.startswith("register commands: ")
+    group = click.Group("tk")
+    plugins.add_commands(group)
+    assert plugins.records["nocmd"].problems[0].startswith("tk_register_commands raised ")
+    assert group.commands == {}
 
 
 def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
@@ -520,16 +571,14 @@ def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
     plugins.add_commands(group)
     assert group.commands["list"] is original
     assert "usurp" in group.commands  # its other command is fine
-    assert plugins.records["usurper"].error == (
-        "register commands: toolkit.errors.PluginError: command 'list' exists already; "
-        "choose another name")
+    assert plugins.records["usurper"].problems == [
+        "command 'list' exists already; choose another name"]
     env = isolated_env(tmp_path, {"TK_DISABLE_PLUGINS": "timm,torchvision"})
     help_ = tk("--plugin", str(path), "--help", env=env, cwd=tmp_path)
     assert help_.returncode == 0 and "usurp" in help_.stdout
     assert "List registered components" in help_.stdout  # tk's own `list`
     shown = tk("--plugin", str(path), "plugins", env=env, cwd=tmp_path)
-    assert "error: register commands: toolkit.errors.PluginError: command 'list' exists" \
-        in shown.stdout
+    assert "    problem: command 'list' exists already; choose another name" in shown.stdout
 
 
 def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -> None:
@@ -545,22 +594,21 @@ def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -
             raise ValueError("optimizer table is corrupt")
         """))
     plugins = load_plugins([str(path)], env=LIGHT)
-    assert plugins.records["lazy_fail"].error is None  # imported fine; hooks not run yet
+    assert plugins.records["lazy_fail"].problems == []  # imported fine; hooks not run yet
     plugins.check()
-    assert plugins.records["lazy_fail"].error == (
-        "register optimizers: ValueError: optimizer table is corrupt")
+    problem = "tk_register_optimizers raised ValueError: optimizer table is corrupt"
+    assert plugins.records["lazy_fail"].problems == [problem]
     assert plugins.registry("heads").resolve("fine-head").owner == "lazy_fail"
 
     env = isolated_env(tmp_path)
     shown = tk("--plugin", str(path), "plugins", "--json", env=env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert [(r["name"], r["error"]) for r in json.loads(shown.stdout)] == [
-        ("lazy_fail", "register optimizers: ValueError: optimizer table is corrupt")]
+    assert [(r["name"], r["error"], r["problems"]) for r in json.loads(shown.stdout)] == [
+        ("lazy_fail", None, [problem])]
     strict = tk("--plugin", str(path), "plugins", env={**env, "TK_STRICT_PLUGINS": "1"},
                 cwd=tmp_path)
     assert strict.returncode == 2 and strict.stderr.strip() == (
-        "tk: error: plugin 'lazy_fail' failed to register optimizers: "
-        "ValueError: optimizer table is corrupt")
+        f"tk: error: plugin 'lazy_fail': {problem} (TK_STRICT_PLUGINS=1)")
 
 
 # -- the CLI, in a subprocess ----------------------------------------------------------------
