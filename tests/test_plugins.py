@@ -760,6 +760,239 @@ def test_two_installed_plugins_clash_and_plugin_name_picks_one(installed: dict[s
     assert '"alpha:twin-net"' not in shown.stdout
 
 
+# -- what a plugin author meets (issue 13), through installed wheels ------------------------
+TRAIN = ["--epochs", "1", "--batch-size", "4", "--no-pretrained", "--device", "cpu",
+         "--workers", "0", "-q"]
+
+
+def write_manifest(root: Path, name: str = "m.json") -> Path:
+    """Two classes of real images listed in acme's JSON manifest format."""
+    make_image_folder(root / "images", ["cat", "dog"], per_class=4, size=32)
+    images = [{"path": p.relative_to(root).as_posix(), "label": p.parent.name}
+              for p in sorted((root / "images").rglob("*.png"))]
+    manifest = root / name
+    manifest.write_text(json.dumps({"images": images}), encoding="utf-8")
+    return manifest
+
+
+def last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_acme_trains_from_a_json_manifest_its_hook_claims(installed: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """Items 1, 2 (observer), 5, 7, 8 in one run: ``--data m.json`` reaches the plugin that
+    claims ``.json``; ``--lr`` left out takes the optimizer's default_lr; the observer sees
+    documented metric types; a failing observer warns, naming the distribution; the model
+    records where each component came from."""
+    manifest = write_manifest(tmp_path / "data")
+    journal = tmp_path / "journal.jsonl"
+    store = tmp_path / "store"
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path, ACME_JOURNAL=str(journal),
+                   ACME_FAIL_SAVED="1")
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(manifest),
+              "--optimizer", "acme-sgd", "--classes", "2", "--name", "acme-m",
+              "--store", str(store), *TRAIN, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("tk: warning: plugin 'acme' (tk-plugin-acme 0.3.1) failed in tk_model_saved: "
+            "OSError: cannot upload acme-m: no network") in proc.stderr.splitlines()
+    meta = json.loads(tk("store", "show", "acme-m", "--json", "--store", str(store),
+                         env=env, cwd=tmp_path).stdout)
+    assert meta["training"]["dataset"] == "acme:acme-json"
+    assert meta["training"]["dataset_options"]["path"] == str(manifest.resolve())
+    assert meta["classes"] == ["cat", "dog"]
+    assert meta["training"]["lr"] == 0.05  # acme-sgd's default_lr
+    acme = {"plugin": "acme", "distribution": "tk-plugin-acme", "version": "0.3.1"}
+    assert {k: meta["components"]["backbone"][k] for k in (*acme, "name")} == {
+        **acme, "name": "acme:acme-tinycnn"}
+    assert meta["components"]["optimizer"]["name"] == "acme:acme-sgd"
+    assert meta["components"]["head"]["distribution"] == "tk-microtoolkit"
+
+    [event] = [json.loads(line) for line in journal.read_text().splitlines()]
+    from typing import get_type_hints
+
+    from toolkit.plugin.hookspecs import EpochMetrics
+
+    documented = {k: t.__name__ for k, t in get_type_hints(EpochMetrics).items()}
+    assert event["epoch"] == event["metrics"]["epoch"] == 1
+    assert set(event["metrics"]) == set(documented) - {"val_top5"}  # 2 classes: no top-5
+    assert event["types"] == {k: documented[k] for k in event["metrics"]}
+
+    # uninstalled: the model names the package to install and the version it was made with
+    gone = env_with(installed, home=tmp_path)
+    image = next((tmp_path / "data" / "images" / "cat").iterdir())
+    infer = tk("infer", str(image), "--model", "acme-m", "--store", str(store), env=gone,
+               cwd=tmp_path)
+    assert infer.returncode == 2 and len(infer.stderr.strip().splitlines()) == 1
+    assert infer.stderr.strip().endswith(
+        "its backbone 'acme:acme-tinycnn' comes from tk-plugin-acme, which is not installed: "
+        "pip install tk-plugin-acme (model made with 0.3.1)")
+    shown = tk("store", "show", "acme-m", "--store", str(store), env=gone, cwd=tmp_path)
+    assert ("components:  backbone acme:acme-tinycnn from tk-plugin-acme 0.3.1 "
+            "(not installed)") in shown.stdout.splitlines()
+
+
+def test_dataset_name_and_data_path_hand_the_path_to_that_dataset(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Item 1: ``--dataset NAME --data PATH`` gives PATH to NAME, whatever its extension
+    (the classes in the message come from the manifest itself)."""
+    listed = write_manifest(tmp_path / "data", "list.txt")
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--dataset", "acme-json", "--data",
+              str(listed), "--classes", "3", *TRAIN, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert last_line(proc) == "tk: error: --classes 3 but the data has 2 classes (cat, dog)"
+    nobody = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(listed), "--classes",
+                "2", *TRAIN, env=env, cwd=tmp_path)
+    assert nobody.returncode == 2 and "no loaded plugin reads a '.txt' file" in last_line(nobody)
+
+
+@pytest.mark.parametrize(("args", "raised", "where"), [
+    (["finetune", "--backbone", "boom-net", "--classes", "2", *TRAIN],
+     "ValueError: intentional bug in boom_net", "in boom_net (tk_acme/nets.py:"),
+    (["acme-hello", "--fail"], "KeyError: 'missing'", "in hello (tk_acme/plugin.py:"),
+    (["finetune", "--backbone", "acme-tinycnn", "--data", "{crash}", "--classes", "2", *TRAIN],
+     "RuntimeError: manifest sniffer crashed", "in tk_dataset_for_path("),
+], ids=["factory", "command", "hook"])
+def test_a_bug_in_plugin_code_names_the_plugin_and_its_distribution(
+        installed: dict[str, Path], tmp_path: Path, args: list[str], raised: str,
+        where: str) -> None:
+    """Item 2: a plain exception from a factory, a command or a hook is one line naming the
+    plugin, its distribution and version, exit 1 (a TkError from the same code is exit 2)."""
+    crash = tmp_path / "list.crash"
+    crash.write_text("{}", encoding="utf-8")
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk(*[a.format(crash=crash) for a in args], env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    line = last_line(proc)
+    assert line.startswith(f"tk: plugin error: plugin 'acme' (tk-plugin-acme 0.3.1) raised "
+                           f"{raised} {where}"), line
+    assert line.endswith("(a bug in the plugin, not in your input: report it to its authors; "
+                         "TK_DEBUG=1 shows the traceback)")
+    loud = tk(*[a.format(crash=crash) for a in args], env={**env, "TK_DEBUG": "1"},
+              cwd=tmp_path)
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert raised.split(":")[0] in loud.stderr and "PluginBugError" in loud.stderr
+
+
+def test_optimizer_default_lr_shows_in_tk_list(installed: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """Item 8: ``register(..., default_lr=...)`` is listed (the built-ins state theirs)."""
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    listing = tk("list", "optimizers", env=env, cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert rows["acme-sgd"].split(None, 2)[1:] == ["acme", "SGD with momentum [default lr 0.05]"]
+    assert rows["adamw"].endswith("[default lr 0.001] [default]")
+    as_json = json.loads(tk("list", "optimizers", "acme:*", "--json", env=env,
+                            cwd=tmp_path).stdout)
+    assert as_json == [{"name": "acme-sgd", "plugin": "acme", "default_lr": 0.05,
+                        "description": "SGD with momentum"}]
+
+
+def test_sloppy_plugin_keeps_its_good_hook_and_reports_the_others(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Items 3, 4, 10: a misspelt hook argument gets a did-you-mean; a hook-named function
+    without @hookimpl is reported (fatal under TK_STRICT_PLUGINS); the plugin's other hook
+    still works; an unknown name mentions the plugins with problems or load failures."""
+    env = env_with(installed, "tk-plugin-sloppy", "tk-broken-plugin", home=tmp_path)
+    shown = tk("plugins", env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.splitlines()
+    sloppy = text.index("sloppy 1.0.0  (tk-plugin-sloppy: tk_sloppy)")
+    assert text[sloppy + 1:sloppy + 4] == [
+        "    hooks: tk_register_losses",
+        "    problem: tk_register_backbones has no parameter 'registr' (did you mean "
+        "'register'?) (it takes register)",
+        "    problem: tk_register_heads is named like a hook but not marked with @hookimpl, "
+        "so it would never be called"]
+    losses = tk("list", "losses", "sloppy*", env=env, cwd=tmp_path)
+    assert losses.stdout.split()[:2] == ["sloppy-loss", "sloppy"]
+
+    unknown = tk("finetune", "--backbone", "sloppy-net", "--classes", "2", *TRAIN, env=env,
+                 cwd=tmp_path)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert last_line(unknown) == (
+        "tk: error: unknown backbone 'sloppy-net' (see `tk list backbones`); note: plugin "
+        "'broken' (tk-broken-plugin 0.0.1) failed to load (import: RuntimeError: "
+        "tk-broken-plugin always fails on import); plugin 'sloppy' (tk-plugin-sloppy 1.0.0) "
+        "has a problem: tk_register_backbones has no parameter 'registr' (did you mean "
+        "'register'?) (it takes register) (see `tk plugins`)")
+
+    strict = tk("plugins", env={**env_with(installed, "tk-plugin-sloppy", home=tmp_path),
+                                "TK_STRICT_PLUGINS": "1"}, cwd=tmp_path)
+    assert strict.returncode == 2 and strict.stderr.strip() == (
+        "tk: error: plugin 'sloppy': tk_register_backbones has no parameter 'registr' (did "
+        "you mean 'register'?) (it takes register) (TK_STRICT_PLUGINS=1)")
+
+
+def test_pretrained_weights_a_plugin_ships_are_not_claimed_as_a_download(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Item 9: the one resolver says what was tried; a plugin without a URL never claims a
+    download."""
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(write_manifest(tmp_path)),
+              "--classes", "2", "--epochs", "1", "--device", "cpu", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    line = last_line(proc)
+    shipped = installed["tk-plugin-acme"] / "tk_acme" / "weights" / "acme-tinycnn.safetensors"
+    assert line == (
+        "tk: error: pretrained weights for 'acme:acme-tinycnn' (acme-tinycnn.safetensors) not "
+        f"found: tried the weights shipped with tk-plugin-acme {shipped}: not there; run "
+        "`tk store import-weights acme:acme-tinycnn FILE` (or pass --weights FILE, or "
+        "--no-pretrained for random weights)")
+    assert "download" not in line
+
+
+def test_a_plugin_that_hangs_on_import_does_not_hang_tk(tmp_path: Path) -> None:
+    """Issue 12 item 9: the import is given up after TK_PLUGIN_IMPORT_TIMEOUT seconds with
+    a line naming the plugin; ``tk --help`` and ``tk plugins`` finish (the subprocess
+    timeout turns a hang into a failure)."""
+    sleepy = write_module(tmp_path, "sleepy", "import time\ntime.sleep(600)\n")
+    env = isolated_env(tmp_path, {"TK_PLUGIN_IMPORT_TIMEOUT": "2", **NO_ENV})
+    help_ = subprocess.run([sys.executable, "-m", "toolkit", "--plugin", str(sleepy), "--help"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "finetune" in help_.stdout
+    assert help_.stderr.splitlines() == [
+        f"tk: warning: plugin 'sleepy' (--plugin {sleepy}) is still importing after 1 s (tk "
+        "gives up at 2 s: TK_PLUGIN_IMPORT_TIMEOUT; TK_DISABLE_PLUGINS=sleepy skips it)",
+        f"tk: warning: plugin 'sleepy' (--plugin {sleepy}) skipped: import of {sleepy} did not "
+        "finish within 2 s (TK_PLUGIN_IMPORT_TIMEOUT)"]
+    shown = subprocess.run([sys.executable, "-m", "toolkit", "--plugin", str(sleepy), "plugins",
+                            "--json"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)[0]["error"] == (
+        f"import: import of {sleepy} did not finish within 2 s (TK_PLUGIN_IMPORT_TIMEOUT)")
+    bad = subprocess.run([sys.executable, "-m", "toolkit", "plugins"],
+                         env={**env, "TK_PLUGIN_IMPORT_TIMEOUT": "soon"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "tk: error: TK_PLUGIN_IMPORT_TIMEOUT='soon': expected a number")
+
+
+def test_component_versions_are_compared_with_the_installed_ones() -> None:
+    """``tk store show``'s description of a recorded component against what is installed
+    (tk's own distribution stands in for a plugin's)."""
+    from toolkit import __version__
+    from toolkit.plugin.provenance import describe, rebuild_hint
+
+    same = {"name": "heads:linear", "plugin": "heads", "distribution": "tk-microtoolkit",
+            "version": __version__}
+    assert describe(same) == f"heads:linear from tk-microtoolkit {__version__}"
+    older = {**same, "version": "0.0.1"}
+    assert describe(older) == f"heads:linear from tk-microtoolkit 0.0.1 (installed: {__version__})"
+    assert rebuild_hint({"components": {"head": older}}) == (
+        f"its head 'heads:linear' was made with tk-microtoolkit 0.0.1, {__version__} is installed")
+    loose = {"name": "mine:net", "plugin": "mine", "distribution": None, "version": None}
+    assert rebuild_hint({"components": {"backbone": loose}}) == (
+        "its backbone 'mine:net' came from plugin 'mine', which was not an installed package: "
+        "load it again with --plugin")
+    assert rebuild_hint({}) == "" and rebuild_hint({"components": "junk"}) == ""
+
+
 # -- meta: the hooks, their tests and their documentation stay in step -----------------------
 def test_every_hookspec_has_a_section_in_the_authoring_guide() -> None:
     import re

@@ -4,8 +4,9 @@ A plugin module runs arbitrary code when imported; one that sleeps, waits on the
 or deadlocks would hang every command that loads plugins (``tk --help`` lists plugin
 commands, so it loads them too). tk bounds the wait:
 
-- after :data:`SLOW_S` seconds a watchdog thread prints one line naming the plugin (a
-  thread can report, but it cannot stop an import running in another thread);
+- after :data:`SLOW_S` seconds (or half the limit) a watchdog thread prints one line
+  naming the plugin (a thread can report, but it cannot stop an import running in another
+  thread);
 - after ``TK_PLUGIN_IMPORT_TIMEOUT`` seconds (default :data:`DEFAULT_TIMEOUT_S`, ``0`` =
   no limit) a ``SIGALRM`` timer raises :class:`ImportTimedOut` inside the import, in the
   main thread, where the import runs. Python retries interrupted system calls after
@@ -36,25 +37,24 @@ DEFAULT_TIMEOUT_S = 30.0
 SLOW_S = 5.0
 
 
-class ImportTimedOut(BaseException):  # noqa: N818 - not an Exception: `except Exception` in a plugin must not swallow it
-    """Raised inside a plugin's import when it exceeds the time limit."""
+class ImportTimedOut(BaseException):  # noqa: N818
+    """Raised inside a plugin's import when it exceeds the time limit (a BaseException, so
+    that a plugin's ``except Exception`` does not swallow it)."""
 
 
 def import_module(module: str, *, timeout: float, on_slow: Callable[[float], None]) -> Any:
     """Import ``module`` (a dotted name, or a path to a ``.py`` file) within ``timeout``
     seconds (0: no limit); ``on_slow(seconds)`` is called from a watchdog thread when the
-    import is still running after :data:`SLOW_S` seconds."""
-    watchdog = None
-    if not timeout or timeout > SLOW_S:
-        watchdog = threading.Timer(SLOW_S, on_slow, args=(SLOW_S,))
-        watchdog.daemon = True
-        watchdog.start()
+    import is still running after :data:`SLOW_S` seconds (or half the limit, if less)."""
+    slow = min(SLOW_S, timeout / 2) if timeout else SLOW_S
+    watchdog = threading.Timer(slow, on_slow, args=(slow,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         with _time_limit(timeout, module):
             return _import(module)
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
+        watchdog.cancel()
 
 
 @contextlib.contextmanager
