@@ -829,8 +829,9 @@ def test_acme_trains_from_a_json_manifest_its_hook_claims(installed: dict[str, P
         "its backbone 'acme:acme-tinycnn' comes from tk-plugin-acme, which is not installed: "
         "pip install tk-plugin-acme (model made with 0.3.1)")
     shown = tk("store", "show", "acme-m", "--store", str(store), env=gone, cwd=tmp_path)
-    assert ("components:  backbone acme:acme-tinycnn from tk-plugin-acme 0.3.1 "
-            "(not installed)") in shown.stdout.splitlines()
+    [line] = [x for x in shown.stdout.splitlines() if x.startswith("components:")]
+    assert line.startswith("components:  backbone acme:acme-tinycnn from tk-plugin-acme 0.3.1 "
+                           "(not installed); head heads:linear from tk-microtoolkit ")
 
 
 def test_dataset_name_and_data_path_hand_the_path_to_that_dataset(

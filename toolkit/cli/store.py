@@ -124,7 +124,7 @@ def show_command(name: str, store_dir: Path | None, as_json: bool) -> None:
         ("input", "x".join(str(x) for x in data["data_config"]["input_size"])),
         ("metrics", _metrics({k: v for k, v in data["metrics"].items()
                               if isinstance(v, (int, float))}) or "-"),
-        *summary_lines(data),  # each component's plugin distribution and version
+        *summary_lines(data),  # the plugin distribution and version of each component
         ("weights", _opts(data["weights"]) or "-"),
         ("training", _opts(data["training"]) or "-"),
         ("file", f"{f['path']} ({_size(f['size_bytes'])}, sha256 {f['sha256']})"),
@@ -134,7 +134,7 @@ def show_command(name: str, store_dir: Path | None, as_json: bool) -> None:
         lines.append(("shared base", f"{f['base_path']} ({_size(f['base_size_bytes'])})"
                       f"{present}"))
     for key, value in lines:
-        click.echo(f"{key + ':' if key else '':<13}{value.rstrip()}")
+        click.echo(f"{key + ':':<13}{value.rstrip()}")
 
 
 def _opts(d: Any) -> str:

@@ -47,10 +47,13 @@ def describe(component: Mapping[str, Any]) -> str:
 
 
 def summary_lines(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``tk store show``'s lines about the recorded components: ``("components", "backbone
-    acme:net from tk-plugin-acme 0.3.1 (not installed)")`` then ``("", "head ...")``..."""
-    lines = [f"{kind} {describe(c)}" for kind, c in _components(meta).items()]
-    return [("components" if i == 0 else "", line) for i, line in enumerate(lines)]
+    """``tk store show``'s line about the recorded components (none for a model that
+    records none): ``[("components", "backbone acme:net from tk-plugin-acme 0.3.1 (not
+    installed); head heads:linear from tk-microtoolkit 0.1.0; ...")]``."""
+    found = _components(meta)
+    if not found:
+        return []
+    return [("components", "; ".join(f"{kind} {describe(c)}" for kind, c in found.items()))]
 
 
 def rebuild_hint(meta: Mapping[str, Any]) -> str:
