@@ -34,7 +34,8 @@ import pluggy
 from toolkit import env as tk_env
 from toolkit.errors import PluginBugError, PluginError, TkError, one_line
 from toolkit.plugin import hookspecs, importing
-from toolkit.plugin.registry import KINDS, Component, Registry
+from toolkit.plugin.blame import blame
+from toolkit.plugin.registry import KINDS, Registry
 from toolkit.plugin.validate import inspect_plugin
 
 BUILTIN_DISTRIBUTION = "tk-microtoolkit"
@@ -265,41 +266,9 @@ class Plugins:
         return None
 
     def blame(self, exc: BaseException) -> PluginBugError | None:
-        """The plugin whose code raised ``exc`` (the innermost plugin frame of its
-        traceback), as a :class:`PluginBugError`, or None when no plugin code is in it. A
-        third-party plugin's code is its whole top-level package; a built-in's, its
-        module."""
-        roots = self._code_roots()
-        hit = None
-        tb = exc.__traceback__
-        while tb is not None:
-            filename = tb.tb_frame.f_code.co_filename
-            for root, record in roots:
-                if filename == root or filename.startswith(root + os.sep):
-                    rel = os.path.relpath(filename, os.path.dirname(root))
-                    hit = (record, f"{tb.tb_frame.f_code.co_name} ({rel}:{tb.tb_lineno})")
-            tb = tb.tb_next
-        if hit is None:
-            return None
-        bug = PluginBugError(hit[0].name, hit[0].origin, exc, hit[1])
-        bug.__cause__ = exc
-        return bug
-
-    def _code_roots(self) -> list[tuple[str, PluginRecord]]:
-        roots = []
-        for record in self.records.values():
-            module = record.obj if isinstance(record.obj, types.ModuleType) else (
-                sys.modules.get(type(record.obj).__module__) if record.obj is not None
-                else None)
-            if module is None:
-                continue
-            if not record.builtin:
-                module = sys.modules.get(module.__name__.partition(".")[0], module)
-            paths = list(getattr(module, "__path__", None) or [])
-            if not paths and getattr(module, "__file__", None):
-                paths = [module.__file__]
-            roots += [(os.path.normpath(p), record) for p in paths]
-        return roots
+        """The plugin whose code raised ``exc``, as a PluginBugError (see
+        :func:`toolkit.plugin.blame.blame`), or None."""
+        return blame(exc, list(self.records.values()))
 
     # -- provenance --------------------------------------------------------------------
     def provenance(self, owner: str) -> dict[str, Any]:
@@ -311,17 +280,6 @@ class Plugins:
             return {"plugin": owner, "module": None, "distribution": None, "version": None}
         return {"plugin": owner, "module": record.module, "distribution": record.distribution,
                 "version": record.version}
-
-    def components_record(self, chosen: Mapping[str, Component]) -> dict[str, dict[str, Any]]:
-        """What a saved model records as ``metadata["components"]``: for each kind
-        (``backbone``, ``head``, ``loss``, ``optimizer``, ``dataset``) the component used,
-        ``{"name": "plugin:name", "plugin", "distribution", "version"}``."""
-        out = {}
-        for kind, component in chosen.items():
-            origin = self.provenance(component.owner)
-            out[kind] = {"name": component.qualified_name, "plugin": component.owner,
-                         "distribution": origin["distribution"], "version": origin["version"]}
-        return out
 
     def errors(self) -> list[PluginRecord]:
         return [r for r in self.records.values() if r.error]

@@ -1,8 +1,8 @@
 """Which plugin distributions a saved model's components came from, read back.
 
 A model records ``metadata["components"][kind] = {"name": "plugin:name", "plugin",
-"distribution", "version"}`` for its backbone, head, loss, optimizer and dataset (written
-with :meth:`toolkit.plugin.manager.Plugins.components_record`). This module turns that
+"distribution", "version"}`` for its backbone, head, loss, optimizer and dataset (from
+:meth:`toolkit.plugin.manager.Plugins.provenance` of each owner). This module turns that
 into what a user needs: which package to install when a component is missing, and whether
 the installed version differs from the one the model was made with. It reads installed
 versions from package metadata only: no plugin is imported.
