@@ -974,6 +974,37 @@ def test_a_plugin_that_hangs_on_import_does_not_hang_tk(tmp_path: Path) -> None:
         "tk: error: TK_PLUGIN_IMPORT_TIMEOUT='soon': expected a number")
 
 
+def test_blame_finds_the_plugin_in_a_dataloader_worker_traceback(tmp_path: Path) -> None:
+    """A bug in a plugin's dataset comes back from a DataLoader worker process with the
+    worker's traceback as text; the plugin is still named, with the original message. An
+    exception from code outside every plugin is not blamed on one."""
+    path = write_module(tmp_path, "wobbly", textwrap.dedent("""
+        from torch.utils.data import Dataset
+
+        class Wobbly(Dataset):
+            def __len__(self):
+                return 2
+
+            def __getitem__(self, i):
+                raise ValueError(f"sample {i} is wobbly")
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    from torch.utils.data import DataLoader
+
+    dataset = plugins.records["wobbly"].obj.Wobbly()
+    for workers in (0, 1):
+        with pytest.raises(ValueError) as err:
+            list(DataLoader(dataset, num_workers=workers))
+        bug = plugins.blame(err.value)
+        assert bug is not None and bug.__cause__ is err.value
+        assert str(bug).startswith(f"plugin 'wobbly' (--plugin {path}) raised ValueError: "
+                                   "sample 0 is wobbly in __getitem__ (wobbly.py:9) "), workers
+    try:
+        _ = 1 / 0
+    except ZeroDivisionError as exc:
+        assert plugins.blame(exc) is None
+
+
 def test_component_versions_are_compared_with_the_installed_ones() -> None:
     """``tk store show``'s description of a recorded component against what is installed
     (tk's own distribution stands in for a plugin's)."""
