@@ -14,6 +14,7 @@ import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
+KINDS = ("backbone", "head", "loss", "optimizer", "dataset")  # the order they are shown in
 REBUILD_KINDS = ("backbone", "head")  # what rebuilding a model for inference needs
 
 
@@ -31,7 +32,9 @@ def _components(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     found = meta.get("components")
     if not isinstance(found, Mapping):
         return {}
-    return {k: dict(v) for k, v in found.items() if isinstance(v, Mapping) and v.get("name")}
+    order = sorted(found, key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), str(k)))
+    return {k: dict(found[k]) for k in order
+            if isinstance(found[k], Mapping) and found[k].get("name")}
 
 
 def describe(component: Mapping[str, Any]) -> str:
