@@ -208,7 +208,7 @@ def test_file_size_limit_during_import_weights(tmp_path: Path):
     partial weights file, nothing listed."""
     import torch
 
-    from toolkit.plugin.manager import _import
+    from toolkit.plugin.importing import _import
 
     torch.manual_seed(0)
     state = _import(TINY_PLUGIN).tiny_cnn(False, width=16).module.state_dict()

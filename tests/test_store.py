@@ -521,7 +521,7 @@ def test_full_disk_leaves_nothing_partial(store, plugins, monkeypatch):
 @pytest.fixture
 def tiny_backbone_state():
     torch.manual_seed(3)
-    from toolkit.plugin.manager import _import
+    from toolkit.plugin.importing import _import
 
     module = _import(TINY)
     return module.tiny_cnn(False).module.state_dict()

@@ -136,7 +136,7 @@ def test_default_store_is_tk_home(tmp_path):
 
 
 def test_import_weights(tmp_path):
-    from toolkit.plugin.manager import _import
+    from toolkit.plugin.importing import _import
 
     torch.manual_seed(1)
     state = _import(TINY).tiny_cnn(False).module.state_dict()

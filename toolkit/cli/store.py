@@ -15,6 +15,7 @@ import click
 
 from toolkit.cli import cli, get_state
 from toolkit.model.weights import import_weights
+from toolkit.plugin.provenance import summary_lines
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -126,6 +127,7 @@ def show_command(name: str, store_dir: Path | None, as_json: bool) -> None:
         ("input", "x".join(str(x) for x in data["data_config"]["input_size"])),
         ("metrics", _metrics({k: v for k, v in data["metrics"].items()
                               if isinstance(v, (int, float))}) or "-"),
+        *summary_lines(data),  # the plugin distribution and version of each component
         ("weights", _opts(data["weights"]) or "-"),
         ("training", _opts(data["training"]) or "-"),
         ("file", f"{f['path']} ({_size(f['size_bytes'])}, sha256 {f['sha256']})"
