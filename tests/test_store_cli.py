@@ -208,7 +208,7 @@ def test_reimport_through_the_cli_keeps_the_model_on_the_old_weights(tmp_path):
     """import-weights, a model on them, import-weights again: the model still loads
     bit for bit, verify is clean, and only the blob nobody uses any more goes away."""
     from toolkit.model.loading import load_model
-    from toolkit.plugin.manager import _import
+    from toolkit.plugin.importing import _import
 
     store = tmp_path / "store"
     files = []
