@@ -86,7 +86,7 @@ def main() -> None:
     from toolkit.model.loading import load_model
     from toolkit.plugin.manager import load_plugins
     from toolkit.predict.export import formats as F
-    from toolkit.predict.runner import SplitEvalTransform
+    from toolkit.predict.export.images import crop_function
 
     plugins = load_plugins()
     if opts.model:
@@ -111,8 +111,8 @@ def main() -> None:
     extra: dict[int, str] = {}
     for size in (int(s) for s in opts.sizes.split(",")):
         config = base_config.with_image_size(size)
-        host = SplitEvalTransform(eval_transform(config))
-        crops = np.stack([host.pil_stage(load_image(f)).numpy() for f in files])
+        crop = crop_function(eval_transform(config))
+        crops = np.stack([crop(load_image(f)) for f in files])
         batch, calib = crops[:n], crops[n:]
         module = F.uint8_module(model, config.mean, config.std)
         x = torch.from_numpy(batch)

@@ -111,7 +111,7 @@ def test_onnx_export_of_a_trained_resnet18(r18: tuple[Path, Path],
     from toolkit.data.transforms import eval_transform
     from toolkit.model.loading import load_model
     from toolkit.predict.export.artifact import open_onnx_session, read_export
-    from toolkit.predict.runner import SplitEvalTransform
+    from toolkit.predict.export.images import crop_function
 
     home, data = r18
     out, printed = r18_onnx
@@ -151,7 +151,7 @@ def test_onnx_export_of_a_trained_resnet18(r18: tuple[Path, Path],
     transform = eval_transform(loaded.data_config)
     files = sorted((data / "dog").iterdir()) + sorted((data / "owl").iterdir())[:1]
     images = [load_image(f) for f in files]
-    crops = np.stack([SplitEvalTransform(transform).pil_stage(i).numpy() for i in images])
+    crops = np.stack([crop_function(transform)(i) for i in images])
     with torch.inference_mode():
         eager = loaded.model(torch.stack([transform(i) for i in images])).numpy()
     for batch in (crops[:1], crops):
@@ -478,3 +478,35 @@ def test_missing_onnx_extra_is_one_line_naming_it(colour_model, tmp_path: Path) 
                           text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "pip install 'tk-microtoolkit[onnx]'" in one_error_line(proc)
+
+
+# -- the refusal rules themselves (numpy only) -------------------------------------------------
+def test_parity_and_int8_rules() -> None:
+    from toolkit.predict.export.formats import ExportError
+    from toolkit.predict.export.images import ImageSet
+    from toolkit.predict.export.run import compare, int8_agreement
+
+    rng = np.random.default_rng(0)
+    eager = rng.normal(0, 5, (50, 4)).astype(np.float32)
+    eager[:, 0] += 20  # class 0 wins everywhere by a clear margin; largest |logit| ~ 35
+    images = ImageSet(np.zeros((50, 3, 8, 8), np.uint8), [0] * 40 + [1] * 10, eager, "imgs")
+    ok = compare(eager + 1e-5, images, "onnx")
+    assert ok["top1_agree"] == 50 and ok["accuracy_eager"] == 0.8
+    assert ok["tolerance"] == pytest.approx(1e-3 * float(np.abs(eager).max()))
+    with pytest.raises(ExportError, match="max .logit diff. .* > tolerance"):
+        compare(eager + 2 * ok["tolerance"], images, "onnx")
+    flipped = eager.copy()
+    flipped[7] = flipped[7, ::-1]
+    with pytest.raises(ExportError, match="top-1 differs on 1 of 50 images"):
+        compare(flipped, images, "pt2")
+    with pytest.raises(ExportError, match="non-finite"):
+        compare(np.full_like(eager, np.nan), images, "onnx")
+
+    int8 = eager.copy()
+    int8[:1] = int8[:1, ::-1]  # 49/50 = 98 %: accepted
+    assert int8_agreement(eager, int8, images, images, force=False)["top1_agreement"] == 0.98
+    int8[:2] = eager[:2, ::-1]  # 48/50 = 96 %: refused, unless forced
+    with pytest.raises(ExportError, match=r"48/50 .*96\.0% < 98%.*--force"):
+        int8_agreement(eager, int8, images, images, force=False)
+    forced = int8_agreement(eager, int8, images, images, force=True)
+    assert forced["forced"] is True and forced["accuracy_int8"] == pytest.approx(0.76)

@@ -151,6 +151,18 @@ def synthetic(n: int, size: int, seed: int = 0) -> Iterator[tuple[Image, None]]:
         yield Image.fromarray(noisy), None
 
 
+def crop_function(transform: Any) -> Callable[[Image], np.ndarray]:
+    """The host half of tk's eval transform: PIL image -> ``uint8 [3,H,W]`` crop (the
+    resize and centre crop ``tk infer``'s workers make; the graph does the rest)."""
+    crop = getattr(transform, "crop", None)
+    if crop is not None:  # EvalTransform.crop: Pillow + numpy, [H,W,3]
+        return lambda img: crop(img).transpose(2, 0, 1)
+    from toolkit.predict.runner import SplitEvalTransform  # before the host half moved
+
+    host = SplitEvalTransform(transform)
+    return lambda img: host.pil_stage(img).numpy()
+
+
 def collect(images: Iterable[tuple[Image, int | None]], source: str, *, loaded: LoadedModel,
             eager: bool = True, chunk: int = 32) -> ImageSet:
     """Crops (and, with ``eager``, the eager model's logits through the full eval
@@ -159,10 +171,9 @@ def collect(images: Iterable[tuple[Image, int | None]], source: str, *, loaded: 
     import torch
 
     from toolkit.data.transforms import eval_transform
-    from toolkit.predict.runner import SplitEvalTransform
 
     transform = eval_transform(loaded.data_config)
-    host = SplitEvalTransform(transform)
+    host_crop = crop_function(transform)
     crops: list[np.ndarray] = []
     labels: list[int | None] = []
     logits: list[np.ndarray] = []
@@ -175,7 +186,7 @@ def collect(images: Iterable[tuple[Image, int | None]], source: str, *, loaded: 
             pending.clear()
 
     for img, label in images:
-        crops.append(host.pil_stage(img).numpy())
+        crops.append(host_crop(img))
         labels.append(label)
         if eager:
             pending.append(transform(img))

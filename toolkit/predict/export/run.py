@@ -195,7 +195,7 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
     notes: list[str] = []
     try:
         train, val, data_desc = imgs.training_splits(loaded, plugins)
-    except TkError as exc:
+    except (TkError, OSError, ValueError, TypeError) as exc:  # gone, moved, changed
         train = val = None
         data_desc = ""
         notes.append(f"the training data of '{args.model}' is not reachable ({exc})")
