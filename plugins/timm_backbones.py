@@ -45,13 +45,26 @@ DOWNLOAD_TIMEOUT_S = 30.0
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+NAMES_FORMAT = 1  # bump when the registered info changes shape
+
+
 @hookimpl
 def tk_register_backbones(register: Register) -> None:
+    """Every timm model and pretrained tag, from a list computed once per timm version
+    (:mod:`toolkit.plugin.namecache`): registering does not import timm."""
+    from toolkit.plugin.namecache import cached_entries
+
+    for name, info in cached_entries(OWNER, "timm", NAMES_FORMAT, _entries):
+        register(name, functools.partial(build, name), **info)
+
+
+def _entries() -> list[tuple[str, dict[str, Any]]]:
     import timm
     from timm.models import get_pretrained_cfg
 
     archs = set(timm.list_models())
     tagged = set(timm.list_models(pretrained=True))
+    out = []
     for name in sorted(archs | tagged):
         arch, _, tag = name.partition(".")
         if tag:
@@ -60,7 +73,8 @@ def tk_register_backbones(register: Register) -> None:
             cfg = get_pretrained_cfg(name)
             desc = (f"timm {arch}, default weights {cfg.tag}" if _has_weights(cfg)
                     else f"timm {arch} (no pretrained weights)")
-        register(name, functools.partial(build, name), fallback=True, description=desc)
+        out.append((name, {"fallback": True, "description": desc}))
+    return out
 
 
 def _has_weights(cfg: Any) -> bool:

@@ -43,12 +43,23 @@ _RESERVED = {"num_classes", "weights", "progress", "aux_logits", "init_weights"}
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
+NAMES_FORMAT = 1  # bump when the registered info changes shape
+
+
 @hookimpl
 def tk_register_backbones(register: Register) -> None:
+    """Every torchvision classifier, from a list computed once per torchvision version
+    (:mod:`toolkit.plugin.namecache`): registering imports nothing heavy."""
+    from toolkit.plugin.namecache import cached_entries
+
+    for name, info in cached_entries(OWNER, "torchvision", NAMES_FORMAT, _entries):
+        register(name, functools.partial(build, name), **info)
+
+
+def _entries() -> list[tuple[str, dict[str, Any]]]:
     import torchvision.models as tvm
 
-    for name in tvm.list_models(module=tvm):
-        register(name, functools.partial(build, name), **_describe(name))
+    return [(name, _describe(name)) for name in tvm.list_models(module=tvm)]
 
 
 def _describe(name: str) -> dict[str, Any]:
