@@ -136,8 +136,9 @@ def main() -> None:
         names = list(runs)
         for r in range(opts.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                best[name] = max(best[name], rate(runs[name], n, opts.seconds))
-                print(f"  {size}px {name}: {best[name]:.0f} img/s", file=sys.stderr)
+                got = rate(runs[name], n, opts.seconds)
+                best[name] = max(best[name], got)
+                print(f"  {size}px {name}: {got:.0f} img/s", file=sys.stderr)
         results[size] = best
         with torch.inference_mode():
             ref = model(floats).numpy()

@@ -189,62 +189,16 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
     from model_store.fileformat import sha256_file
     from model_store.metadata import now_iso
     from toolkit import __version__
-    from toolkit.data.transforms import eval_transform
     from toolkit.model.loading import load_model
-    loaded = load_model(args.model, store, plugins=plugins, device="cpu")
-    notes: list[str] = []
-    try:
-        train, val, data_desc = imgs.training_splits(loaded, plugins)
-    except (TkError, OSError, ValueError, TypeError) as exc:  # gone, moved, changed
-        train = val = None
-        data_desc = ""
-        notes.append(f"the training data of '{args.model}' is not reachable ({exc})")
 
-    # the images: parity on held-out data when there is some, calibration on training data
-    parity_src: Any
-    if val is not None:
-        parity_src = (imgs.from_dataset(val, args.parity_images, warn),
-                      f"validation images of {data_desc}")
-        if calibrate is not None and not args.int8:
-            notes.append(f"--calibrate {calibrate}: not used (the parity check uses the "
-                         "model's validation images)")
-    elif calib_files is not None:
-        parity_src = (imgs.from_folder(*calib_files, args.parity_images, warn),
-                      f"images of --calibrate {calibrate}")
-    else:
-        size = eval_transform(loaded.data_config).draft_size
-        parity_src = (imgs.synthetic(SYNTHETIC_IMAGES, size),
-                      "synthetic images (smooth random colour fields; no real images "
-                      "reachable: pass --calibrate DIR)")
-    calib_src: Any = None
-    if args.int8:
-        if calib_files is not None:
-            calib_src = (imgs.from_folder(*calib_files, args.calibration_images, warn),
-                         f"images of --calibrate {calibrate}")
-        elif train is not None:
-            calib_src = (imgs.from_dataset(train, args.calibration_images, warn),
-                         f"training images of {data_desc}")
-        else:
-            raise TkError(f"--int8 needs calibration images and {notes[0]}: pass "
-                          "--calibrate DIR (a folder of images like the ones the model "
-                          "will see)")
-    parity_set = imgs.collect(*parity_src, loaded=loaded)
-    calib_set = imgs.collect(*calib_src, loaded=loaded, eager=False) if calib_src else None
+    loaded = load_model(args.model, store, plugins=plugins, device="cpu")
+    parity_set, calib_set, notes = _image_sets(args, loaded, plugins, calibrate, calib_files,
+                                               warn)
     for note in notes:
         log(f"note: {note}")
-
-    transform = eval_transform(loaded.data_config)
     _, h, w = loaded.data_config.input_size
     dc = loaded.data_config
-    preprocess = {
-        "input_name": F.INPUT_NAME, "output_name": F.OUTPUT_NAME, "layout": "NCHW",
-        "dtype": "uint8", "channels": "RGB", "input_size": [3, int(h), int(w)],
-        "resize": (transform.resize_size if isinstance(transform.resize_size, int)
-                   else list(transform.resize_size)),
-        "crop": list(transform.crop_size), "crop_pct": float(dc.crop_pct),
-        "interpolation": dc.interpolation, "mean": list(dc.mean), "std": list(dc.std),
-        "normalize": "in-graph",
-    }
+    preprocess = _preprocess(loaded)
     meta = loaded.meta
     source = {"name": args.model, "sha256": sha256_file(loaded.path) if loaded.path else None,
               "backbone": loaded.spec.backbone, "head": loaded.spec.head,
@@ -299,6 +253,70 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
     return ExportResult(path=out, format=args.format, precision=precision, size_bytes=size,
                         model=args.model, parity=parity, int8=int8_report, replaced=replaced,
                         notes=notes)
+
+
+def _preprocess(loaded: Any) -> dict[str, Any]:
+    """``tk.preprocess``: what a client does before the graph (from tk's eval transform)."""
+    from toolkit.data.transforms import eval_transform
+
+    dc = loaded.data_config
+    transform = eval_transform(dc)
+    resize = transform.resize_size
+    return {
+        "input_name": F.INPUT_NAME, "output_name": F.OUTPUT_NAME, "layout": "NCHW",
+        "dtype": "uint8", "channels": "RGB", "input_size": [int(v) for v in dc.input_size],
+        "resize": resize if isinstance(resize, int) else list(resize),
+        "crop": list(transform.crop_size), "crop_pct": float(dc.crop_pct),
+        "interpolation": dc.interpolation, "mean": list(dc.mean), "std": list(dc.std),
+        "normalize": "in-graph",
+    }
+
+
+def _image_sets(args: ExportArgs, loaded: Any, plugins: Any, calibrate: Path | None,
+                calib_files: tuple[list[str], list[int] | None] | None, warn: Log
+                ) -> tuple[imgs.ImageSet, imgs.ImageSet | None, list[str]]:
+    """``(parity images, int8 calibration images or None, notes)``: parity on held-out
+    data when there is some, calibration on training data (see the module doc of
+    :mod:`toolkit.predict.export.images`)."""
+    notes: list[str] = []
+    try:
+        train, val, data_desc = imgs.training_splits(loaded, plugins)
+    except (TkError, OSError, ValueError, TypeError) as exc:  # gone, moved, changed
+        train = val = None
+        data_desc = ""
+        notes.append(f"the training data of '{args.model}' is not reachable ({exc})")
+    parity_src: Any
+    if val is not None:
+        parity_src = (imgs.from_dataset(val, args.parity_images, warn),
+                      f"validation images of {data_desc}")
+        if calibrate is not None and not args.int8:
+            notes.append(f"--calibrate {calibrate}: not used (the parity check uses the "
+                         "model's validation images)")
+    elif calib_files is not None:
+        parity_src = (imgs.from_folder(*calib_files, args.parity_images, warn),
+                      f"images of --calibrate {calibrate}")
+    else:
+        from toolkit.data.transforms import eval_transform
+
+        size = eval_transform(loaded.data_config).draft_size
+        parity_src = (imgs.synthetic(SYNTHETIC_IMAGES, size),
+                      "synthetic images (smooth random colour fields; no real images "
+                      "reachable: pass --calibrate DIR)")
+    calib_src: Any = None
+    if args.int8:
+        if calib_files is not None:
+            calib_src = (imgs.from_folder(*calib_files, args.calibration_images, warn),
+                         f"images of --calibrate {calibrate}")
+        elif train is not None:
+            calib_src = (imgs.from_dataset(train, args.calibration_images, warn),
+                         f"training images of {data_desc}")
+        else:
+            raise TkError(f"--int8 needs calibration images and {notes[0]}: pass "
+                          "--calibrate DIR (a folder of images like the ones the model "
+                          "will see)")
+    parity_set = imgs.collect(*parity_src, loaded=loaded)
+    calib_set = imgs.collect(*calib_src, loaded=loaded, eager=False) if calib_src else None
+    return parity_set, calib_set, notes
 
 
 def _run_all(run: F.Runner, images: Any, what: str) -> Any:
