@@ -19,7 +19,6 @@ at least :data:`INT8_MIN_AGREEMENT` of the images unless ``force``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -110,11 +109,12 @@ def _stderr(message: str) -> None:
 
 def check_onnx_extra(what: str) -> None:
     """One line naming the ``[onnx]`` extra when one of its packages cannot be imported."""
-    for module in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise missing_extra(what) from None
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise missing_extra(what) from None
 
 
 def default_output(name: str, fmt: str, int8: bool) -> Path:
