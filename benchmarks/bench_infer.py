@@ -20,6 +20,7 @@ store, or ``--model NAME`` from ``--store``.
 
     python benchmarks/bench_infer.py                     # 200 images 1024x768, ~2-3 min
     python benchmarks/bench_infer.py --images 64 --size 640x480 --batch-size 16
+    python benchmarks/bench_infer.py --image-size 64      # a 64 px model: decoding-bound
 
 Timings cover the whole pass (loader start-up included, after one warm-up forward); each
 pipeline runs ``--repeat`` times in rotating order and its best pass counts (the machine
@@ -73,7 +74,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> N
         img.save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def save_random_resnet18(store_dir: Path) -> str:
+def save_random_resnet18(store_dir: Path, image_size: int | None = None) -> str:
     import torch
 
     from model_store import ModelStore
@@ -85,8 +86,11 @@ def save_random_resnet18(store_dir: Path) -> str:
     torch.manual_seed(0)
     spec = ModelSpec(qualified, 10)
     model, backbone = build_classifier(plugins, spec, pretrained=False)
+    data_config = backbone.data_config
+    if image_size:
+        data_config = data_config.with_image_size(image_size)
     meta = {"spec": spec.to_dict(), "classes": [f"class{i}" for i in range(10)],
-            "data_config": backbone.data_config.to_dict(),
+            "data_config": data_config.to_dict(),
             "training": {"note": "random weights for benchmarks/bench_infer.py"},
             "metrics": {}, "weights": backbone.weights.to_dict()}
     ModelStore(store_dir).save("bench-resnet18", model, meta, overwrite=True)
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--size", default="1024x768", help="generated image size WxH")
     ap.add_argument("--images-dir", type=Path, help="use this folder of JPEGs instead")
     ap.add_argument("--model", help="stored model (default: random resnet18, temp store)")
+    ap.add_argument("--image-size", type=int,
+                    help="input size of the random resnet18 (default: its 224)")
     ap.add_argument("--store", type=Path, help="store of --model")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=default_workers())
@@ -140,7 +146,7 @@ def main() -> None:
         store_dir, name = opts.store, opts.model
     else:
         store_dir = tmp / "store"
-        name = save_random_resnet18(store_dir)
+        name = save_random_resnet18(store_dir, opts.image_size)
     plugins = load_plugins()
     device = resolve_device(opts.device)
     loaded = load_model(name, store_dir, plugins=plugins, device=device)

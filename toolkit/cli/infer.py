@@ -89,7 +89,10 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      resume=resume, device=device, precision=precision,
                      channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
                      csv_raw=csv_raw)
-    summary = run_infer(args, get_state().plugins)
+    try:
+        summary = run_infer(args, get_state().plugins)
+    except BrokenPipeError:  # `tk infer ... | head`: the quiet exit of other Unix tools
+        raise click.exceptions.Exit(141) from None
     if summary.exit_code:
         click.get_current_context().exit(summary.exit_code)
 

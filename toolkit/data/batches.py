@@ -15,10 +15,11 @@ This is the data side of `tk infer` and `tk eval`, shared by every inference run
   position and never enters the model.
 
 Worker processes are forked (like torch's DataLoader workers) where the platform allows,
-ignore Ctrl-C (the main process stops them), and hand their arrays back pickled through
-a pipe (no file descriptor per batch, so a low ``ulimit -n`` does not break them; when
-the pool itself cannot start for lack of file descriptors or processes, fewer workers
-are used, down to decoding in the main process, and that is said in one line).
+are daemons that ignore Ctrl-C (the main process stops them), and hand their arrays back
+pickled through one pipe each (two file descriptors per worker, none per batch, so a low
+``ulimit -n`` does not break them; when the pool cannot start for lack of file
+descriptors or processes, fewer workers are used, down to decoding in the main process,
+and that is said in one line).
 """
 
 from __future__ import annotations
@@ -125,20 +126,26 @@ def prepare_batch(prep: Preparer, indices: Sequence[int], paths: Sequence[str]) 
 
 # -- the worker pool --------------------------------------------------------------------
 
-_worker_prep: Preparer | None = None
-
-
-def _init_worker(prep: Preparer) -> None:
+def _worker_loop(conn: Any, prep: Preparer) -> None:
+    """A decoding worker: tasks ``(indices, paths)`` in, :class:`HostBatch` out, one pipe."""
     import signal
 
-    global _worker_prep
-    _worker_prep = prep
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-
-
-def _work(indices: list[int], paths: list[str]) -> HostBatch:
-    assert _worker_prep is not None
-    return prepare_batch(_worker_prep, indices, paths)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            result: Any = prepare_batch(prep, *task)
+        except BaseException as exc:  # not a file's fault (e.g. out of memory stacking)
+            result = f"{type(exc).__name__}: {exc}"
+        try:
+            conn.send(result)
+        except (OSError, ValueError):
+            return
 
 
 def _context() -> Any:
@@ -153,52 +160,127 @@ def _context() -> Any:
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
 
 
-def _start_pool(workers: int, prep: Preparer, first: list[tuple[list[int], list[str]]],
-                warn: Callable[[str], None]) -> tuple[Any, deque[Any]]:
-    """A pool of ``workers`` processes (fewer when the system refuses that many) with the
-    ``first`` tasks submitted; ``(None, deque())`` for decoding in this process."""
-    from concurrent.futures import ProcessPoolExecutor
+class _Pool:
+    """``workers`` daemon processes, each behind its own pipe. Tasks go to the workers in
+    turn and each works through its own in order, so reading the workers in the order the
+    tasks were sent gives the results in input order (no reordering, no feeder threads)."""
 
-    wanted = workers
-    reason = ""
-    while workers > 0:
-        pool = None
+    def __init__(self, workers: int, prep: Preparer):
+        ctx = _context()
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
         try:
-            pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker,
-                                       initargs=(prep,))
-            pending = deque(pool.submit(_work, *task) for task in first)
-        except OSError as exc:
-            if exc.errno not in _RESOURCE_ERRNOS:
-                raise
-            reason = exc.strerror or str(exc)
-            if pool is not None:
-                _close(pool)
-            workers //= 2
-            continue
-        if workers < wanted:
-            warn(f"cannot start {wanted} decoding workers ({reason}{_fd_limit()}); "
-                 f"using {workers}")
-        return pool, pending
-    warn(f"cannot start decoding workers ({reason}{_fd_limit()}); decoding in the main "
-         "process")
-    return None, deque()
+            for _ in range(workers):
+                parent, child = ctx.Pipe(duplex=True)
+                try:
+                    proc = ctx.Process(target=_worker_loop, args=(child, prep), daemon=True,
+                                       name="tk-decode")
+                    proc.start()
+                except BaseException:
+                    parent.close()
+                    raise
+                finally:
+                    child.close()  # the worker holds it now: its death is our EOF
+                self.procs.append(proc)
+                self.conns.append(parent)
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def send(self, k: int, task: Any) -> None:
+        try:
+            self.conns[k].send(task)
+        except (OSError, ValueError):
+            raise _died() from None
+
+    def recv(self, k: int) -> HostBatch:
+        try:
+            result = self.conns[k].recv()
+        except (EOFError, OSError):
+            raise _died() from None
+        if isinstance(result, str):
+            raise TkError(f"a decoding worker failed: {result}")
+        return result
+
+    def close(self) -> None:
+        """Stop the workers: ask, wait a moment, then terminate (a worker busy with a batch
+        nobody will read is not waited for)."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=1.0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5.0)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
 
 
-def _fd_limit() -> str:
+def _died() -> TkError:
+    return TkError("a decoding worker process died (killed, or out of memory?); the rows "
+                   "written so far are complete: rerun with -o FILE --resume to continue")
+
+
+FDS_MAIN = 8
+"""File descriptors kept free for the main process (the output, the model, libraries)."""
+FDS_PER_WORKER = 4
+"""File descriptors a worker costs: its pipe end and sentinel in the main process, and
+room in the worker itself, which inherits the main process's descriptors, for an image."""
+
+
+def _fd_headroom() -> tuple[int, int] | None:
+    """``(free file descriptors, ulimit -n)``, or ``None`` when unlimited or unknown."""
     try:
         import resource
 
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return f"; ulimit -n is {soft}"
+        if soft == resource.RLIM_INFINITY:
+            return None
+        open_now = len(os.listdir("/proc/self/fd")) - 1  # listdir's own descriptor
     except (ImportError, OSError, ValueError):
-        return ""
+        return None
+    return soft - open_now, soft
 
 
-def _close(pool: Any) -> None:
-    try:
-        pool.shutdown(wait=True, cancel_futures=True)
-    except Exception:  # a broken pool is already gone
-        pass
+def _start_pool(workers: int, prep: Preparer, warn: Callable[[str], None]) -> _Pool | None:
+    """A pool of ``workers`` processes, fewer when the file-descriptor limit leaves room
+    for fewer or the system refuses that many (descriptors, processes, memory), ``None``
+    for decoding in this process; said once."""
+    from toolkit.data.decode import pil
+
+    pil()  # import Pillow's decoders once, here: forked workers inherit them
+    wanted, reason = workers, ""
+    room = _fd_headroom()
+    if room is not None:
+        free, limit = room
+        fit = max(0, (free - FDS_MAIN) // FDS_PER_WORKER)
+        if fit < workers:
+            workers = fit
+            reason = f"ulimit -n is {limit}, {limit - free} files open"
+    while workers > 0:
+        try:
+            pool = _Pool(workers, prep)
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            reason = exc.strerror or str(exc)
+            room = _fd_headroom()
+            if room is not None:
+                reason += f"; ulimit -n is {room[1]}"
+            workers //= 2
+            continue
+        if workers < wanted:
+            warn(f"cannot start {wanted} decoding workers ({reason}); using {workers}")
+        return pool
+    warn(f"cannot start decoding workers ({reason}); decoding in the main process")
+    return None
 
 
 def iter_batches(paths: Sequence[str], indices: Sequence[int], prep: Preparer, *,
@@ -206,7 +288,8 @@ def iter_batches(paths: Sequence[str], indices: Sequence[int], prep: Preparer, *
                  warn: Callable[[str], None] | None = None) -> Iterator[HostBatch]:
     """:class:`HostBatch` objects for ``paths[i] for i in indices``, ``batch_size`` files
     each, in order, decoded by ``workers`` processes (``0``: in this process; a single
-    batch is always decoded here, which saves starting a pool for one file)."""
+    batch is always decoded here, which saves starting a pool for one file). Each worker
+    has at most ``prefetch`` batches queued."""
     from toolkit.data.listing import warn_stderr
 
     warn = warn or warn_stderr
@@ -216,31 +299,24 @@ def iter_batches(paths: Sequence[str], indices: Sequence[int], prep: Preparer, *
         return list(chunk), [paths[i] for i in chunk]
 
     workers = min(int(workers), len(chunks)) if len(chunks) > 1 else 0
-    pool, pending = None, deque()
-    if workers > 0:
-        first = [task(c) for c in chunks[:workers * prefetch]]
-        pool, pending = _start_pool(workers, prep, first, warn)
+    pool = _start_pool(workers, prep, warn) if workers > 0 else None
     if pool is None:
         for chunk in chunks:
             yield prepare_batch(prep, *task(chunk))
         return
-    from concurrent.futures.process import BrokenProcessPool
-
-    following = iter(chunks[len(pending):])
     try:
-        while pending:
-            head = pending.popleft()
-            try:
-                batch = head.result()
-            except BrokenProcessPool:
-                raise TkError("a decoding worker process died (killed, or out of memory?); "
-                              "the rows written so far are complete: rerun with -o FILE "
-                              "--resume to continue") from None
+        order: deque[int] = deque()  # the worker holding each outstanding chunk, in order
+        following = iter(chunks)
+        for j, chunk in zip(range(len(pool) * max(1, prefetch)), following, strict=False):
+            pool.send(j % len(pool), task(chunk))
+            order.append(j % len(pool))
+        while order:
+            k = order.popleft()
+            batch = pool.recv(k)
             nxt = next(following, None)
             if nxt is not None:
-                pending.append(pool.submit(_work, *task(nxt)))
+                pool.send(k, task(nxt))
+                order.append(k)
             yield batch
     finally:
-        for future in pending:
-            future.cancel()
-        _close(pool)
+        pool.close()

@@ -112,7 +112,7 @@ def check_limits() -> None:
 _pil_ready = False
 
 
-def _pil():
+def pil():
     """Import Pillow once and align its own bomb check with ours (we check first, from the
     header; Pillow's warning is silenced, its hard limit raised to ours when ours is
     higher)."""
@@ -132,6 +132,7 @@ def _pil():
             WebPImagePlugin,
         )
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        Image.preinit()  # the few plugins Image.open imports itself, now rather than later
         _pil_ready = True
     return Image
 
@@ -157,7 +158,7 @@ def load_image(
     Raises :class:`ImageDecodeError` (one line, naming the file) for anything that is not
     a decodable image of a supported format within the size limit.
     """
-    Image = _pil()
+    Image = pil()
     limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = "<bytes>"
@@ -227,7 +228,7 @@ def plain_jpeg_bytes(path: str | os.PathLike) -> bytes | None:
         data = fh.read()
     if not data.startswith(b"\xff\xd8\xff"):
         return None
-    Image = _pil()
+    Image = pil()
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
             w, h = img.size
