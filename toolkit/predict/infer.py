@@ -24,6 +24,7 @@ from toolkit.predict.writers import (
     FORMATS,
     WRITERS,
     OutputError,
+    describe_os_error,
     done_indices,
     format_for_path,
     open_output,
@@ -146,14 +147,14 @@ def check_output_is_not_an_input(output: str, paths: Sequence[str], store: Model
                 raise TkError(f"-o {output}: is the model file {model_file}")
         except OSError:
             pass
-    real = os.path.realpath(output)
     for p in paths:
         try:
             pst = os.stat(p)
         except OSError:
             continue
         if (pst.st_dev, pst.st_ino) == target:
-            same = "" if os.path.realpath(p) == real else " (through a link)"
+            same = "" if os.path.abspath(p) == os.path.abspath(output) else \
+                " (through a link)"
             raise TkError(f"-o {output}: is the input file {p}{same}; writing there would "
                           "destroy it (choose another output file)")
 
@@ -296,6 +297,7 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
     progress = Progress(len(paths), "infer", enabled=not args.quiet)
     runner.warn = _warning_through(progress)
     rows = runner.predict_paths(paths)
+    failing = False
     try:
         writer.begin(append=append)
         for row in rows:
@@ -309,7 +311,11 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
             progress.update(1)
         writer.end()
     except BrokenPipeError:
+        failing = True
         _silence_stdout()
+        raise
+    except BaseException:
+        failing = True
         raise
     finally:
         progress.close()
@@ -318,7 +324,9 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
             try:
                 stream.close()
             except OSError as exc:  # the last flush can fail too (a full disk)
-                raise OutputError(f"cannot write to {name}: {exc.strerror or exc}") from None
+                if not failing:  # else the first error is the one to say
+                    raise OutputError(f"cannot write to {name}: {describe_os_error(exc)}"
+                                      ) from None
 
 
 def _warning_through(progress: Progress) -> Callable[[str], None]:

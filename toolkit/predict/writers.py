@@ -161,7 +161,7 @@ class RowWriter:
         except BrokenPipeError:
             raise
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.name}: {_reason(exc)}") from None
+            raise OutputError(f"cannot write to {self.name}: {describe_os_error(exc)}") from None
 
     def begin(self, *, append: bool = False) -> None:  # noqa: B027 - optional hook
         pass
@@ -173,7 +173,8 @@ class RowWriter:
         self.emit("")
 
 
-def _reason(exc: OSError) -> str:
+def describe_os_error(exc: OSError) -> str:
+    """A write error in words (``no space left on device``...)."""
     import errno
 
     if exc.errno == errno.ENOSPC:
@@ -284,7 +285,7 @@ def open_output(path: str, *, append: bool) -> IO[str]:
         return open(path, "a" if append else "w", encoding="utf-8",  # noqa: SIM115
                     errors="backslashreplace", newline="")
     except OSError as exc:
-        raise OutputError(f"-o {path}: cannot write ({_reason(exc)})") from None
+        raise OutputError(f"-o {path}: cannot write ({describe_os_error(exc)})") from None
 
 
 def stdout_stream() -> IO[str]:
@@ -414,7 +415,7 @@ def truncate_output(output: str | os.PathLike[str], keep: int) -> None:
             os.truncate(output, keep)
     except OSError as exc:
         raise OutputError(f"-o {os.fspath(output)}: cannot repair its end before "
-                          f"appending ({_reason(exc)})") from None
+                          f"appending ({describe_os_error(exc)})") from None
 
 
 class PathKeys:
