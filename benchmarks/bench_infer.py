@@ -11,7 +11,9 @@ same batch size and the same number of decoding workers:
 - tk, Python API: ``toolkit.predict.runner.predict`` (default ``pil`` decoder: exact eval
   transform), and again with ``decode="draft"`` (reduced-size JPEG decoding);
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
-  end (its wall time includes starting Python, importing torch and loading the model).
+  end (its wall time includes starting Python, importing torch and loading the model);
+- tk's decoding workers alone (:func:`toolkit.data.batches.iter_batches`: decode, resize,
+  crop to ``uint8`` batches, no model): the rate the data side can feed any runtime.
 
 The folder holds photo-like images (gradients, shapes and noise, JPEG quality 90) made on
 the first run, or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
@@ -207,6 +209,15 @@ def main() -> None:
         if own:  # the CLI's own figure: from its first batch to its last row
             cli_own.append(n / float(own.group(1)))
 
+    def decoding_only() -> None:
+        """tk's decoding workers alone (decode, resize, crop to uint8 batches; no model)."""
+        from toolkit.data.batches import Preparer, iter_batches
+
+        paths = sorted(files)
+        for _ in iter_batches(paths, range(n), Preparer(transform, "pil"), batch_size=bs,
+                              workers=workers):
+            pass
+
     pipelines = {
         "raw forward (tensors in memory)": raw,
         "tutorial loop (ImageFolder + PIL + DataLoader)": tutorial,
@@ -215,6 +226,12 @@ def main() -> None:
     }
     if not opts.skip_cli:
         pipelines["tk infer, CLI end to end (process start included)"] = cli
+    try:
+        import toolkit.data.batches  # noqa: F401  (an older tk had DataLoader workers)
+
+        pipelines["tk decoding workers alone (no model; not a pipeline)"] = decoding_only
+    except ImportError:
+        pass
     best: dict[str, float] = {}
     outputs: dict[str, object] = {}
     labels = list(pipelines)

@@ -10,11 +10,12 @@ ends the run quietly with status 141, like other Unix tools.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -207,7 +208,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         log(f"--resume: {summary.skipped} file(s) already in {args.output}, "
             f"{len(paths)} to go")
 
-    with _torch_runner(args, name, store, plugins, warn) as (runner, dist):
+    with _torch_session(args, name, store, plugins, warn) as (runner, dist):
         summary.distributed = dist.enabled
         if args.resume:
             dist.barrier()  # every rank has read the file before rank 0 changes it
@@ -240,42 +241,33 @@ class _Dist:
             dist.barrier()
 
 
-class _torch_runner:
-    """The torch runtime for ``args``: process group under torchrun, device, model."""
+@contextlib.contextmanager
+def _torch_session(args: InferArgs, name: str, store: Any, plugins: Any, warn: Any
+                   ) -> Iterator[tuple[Runner, _Dist]]:
+    """The runner on the torch runtime for ``args``: the process group under torchrun, the
+    device, the model. (Another runtime is another session giving a
+    :class:`~toolkit.predict.runner.Runner`; the writing below does not change.)"""
+    import torch
 
-    def __init__(self, args: InferArgs, name: str, store: Any, plugins: Any, warn: Any):
-        self.args, self.name, self.store, self.plugins, self.warn = (args, name, store,
-                                                                    plugins, warn)
+    from toolkit import distributed as D
+    from toolkit.devices import resolve_device
+    from toolkit.model.loading import load_model
+    from toolkit.predict.runner import Predictor
 
-    def __enter__(self) -> tuple[Runner, _Dist]:
-        import torch
-
-        from toolkit import distributed as D
-        from toolkit.devices import resolve_device
-        from toolkit.model.loading import load_model
-        from toolkit.predict.runner import Predictor
-
-        args = self.args
-        info = D.from_env()
-        device = resolve_device(args.device)
-        if info.enabled and device.type == "cuda":
-            device = torch.device("cuda", info.local_rank)
-            torch.cuda.set_device(device)
-        D.init(info, device)
-        self._shutdown = D.shutdown
-        try:
-            loaded = load_model(self.name, self.store, plugins=self.plugins, device="cpu")
-            runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk,
-                               device=device, precision=args.precision,
-                               channels_last=args.channels_last, workers=args.workers,
-                               decode=args.decode, warn=self.warn)
-        except BaseException:
-            D.shutdown()
-            raise
-        return runner, _Dist(info)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._shutdown()
+    info = D.from_env()
+    device = resolve_device(args.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    D.init(info, device)
+    try:
+        loaded = load_model(name, store, plugins=plugins, device="cpu")
+        runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk, device=device,
+                           precision=args.precision, channels_last=args.channels_last,
+                           workers=args.workers, decode=args.decode, warn=warn)
+        yield runner, _Dist(info)
+    finally:
+        D.shutdown()
 
 
 def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep: int,
