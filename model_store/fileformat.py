@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model_store.files import open_regular, sha256_file
 from toolkit.errors import StoreError
 
 if TYPE_CHECKING:
@@ -32,15 +33,9 @@ class DamagedFileError(StoreError):
     """A store file that cannot be trusted (truncated, edited, bit rot)."""
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
+__all__ = ["DamagedFileError", "check_tensors", "load_tensors", "metadata_of", "parse_header",
+           "read_header", "read_sealed", "seal", "serialize", "sha256_file", "tensor_names",
+           "verify_sealed"]
 
 
 def _canonical(header: dict[str, Any]) -> bytes:
@@ -108,8 +103,8 @@ def parse_header(buf: bytes, file_size: int) -> tuple[dict[str, Any], int]:
 
 def read_header(path: Path) -> dict[str, Any]:
     """The header of a safetensors file (structure checked, data not read)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) < 8:
             raise DamagedFileError("too short to be a safetensors file")
@@ -137,17 +132,23 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     return save(_prepare(tensors), metadata=metadata)
 
 
-def _prepare(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, no two entries sharing storage (safetensors refuses that)."""
+def check_tensors(tensors: dict[str, Any]) -> None:
+    """String keys and tensor values, or one :class:`StoreError` line naming the entry."""
     import torch
 
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise StoreError(f"state dict key {name!r} is not a string")
         if not isinstance(t, torch.Tensor):
             raise StoreError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+
+
+def _prepare(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two entries sharing storage (safetensors refuses that)."""
+    check_tensors(tensors)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in tensors.items():
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -182,8 +183,8 @@ def seal(raw: bytes, extra_metadata: dict[str, str] | None = None
 
 def verify_sealed(path: Path) -> dict[str, Any]:
     """Stream the file, check structure and digest; return the header."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         if len(head) < 8 or n > _MAX_HEADER or 8 + n > size:
@@ -205,7 +206,7 @@ def verify_sealed(path: Path) -> dict[str, Any]:
 
 def read_sealed(path: Path) -> tuple[bytes, dict[str, Any]]:
     """The whole file, checked: (bytes for ``safetensors.torch.load``, header)."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         raw = fh.read()
     header, n = parse_header(raw, len(raw))
     expected = metadata_of(header).get(DIGEST_KEY)

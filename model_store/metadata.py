@@ -14,10 +14,10 @@ from typing import Any
 
 from toolkit.errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors shared through blobs ("shared"); 1: one "base" per model
 META_KEY = "tk"  # the safetensors header metadata key holding the JSON
 REQUIRED = ("spec", "classes", "data_config", "training", "metrics", "weights")
-STORE_KEYS = ("format_version", "name", "created", "base")
+STORE_KEYS = ("format_version", "name", "created", "base", "shared")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -107,6 +107,26 @@ def _check_base(base: Any) -> None:
           "'base.prefix' is not a non-empty string")
 
 
+def _check_shared(shared: Any) -> None:
+    if shared is None:
+        return
+    _need(isinstance(shared, dict), "'shared' is not an object")
+    blobs = shared.get("blobs")
+    _need(isinstance(blobs, list) and len(blobs) > 0, "'shared.blobs' is not a list")
+    for b in blobs:
+        _need(isinstance(b, dict) and isinstance(b.get("sha256"), str)
+              and bool(_SHA_RE.match(b["sha256"])),
+              "'shared.blobs' has an entry without a sha256 hex digest")
+        _need(_is_int(b.get("bytes", 0)) and b.get("bytes", 0) >= 0,
+              "'shared.blobs' has a bad byte count")
+    tensors = shared.get("tensors")
+    _need(isinstance(tensors, dict) and len(tensors) > 0, "'shared.tensors' is not an object")
+    for key, ref in tensors.items():
+        _need(isinstance(ref, list) and len(ref) == 2 and _is_int(ref[0])
+              and 0 <= ref[0] < len(blobs) and isinstance(ref[1], str) and ref[1] != "",
+              f"'shared.tensors' entry {key!r} is not [blob index, key]")
+
+
 def validate_user_metadata(meta: Any) -> None:
     """Check what a caller hands to ``save`` (before anything is written)."""
     try:
@@ -157,6 +177,7 @@ def parse_stored_metadata(file_meta: dict[str, str], what: str) -> dict[str, Any
             raise _Bad("'created' is not an ISO date") from None
         _check_common(meta)
         _check_base(meta.get("base"))
+        _check_shared(meta.get("shared"))
     except _Bad as exc:
         raise StoreError(f"{what}: bad metadata: {exc}") from None
     return meta

@@ -1,70 +1,57 @@
-"""The model store: trained models and imported weights as safetensors files.
+"""The model store's face: save, read, list, show, verify and remove models; garbage
+collection; the imported-weights cache through :mod:`model_store.weights_cache`.
 
 Layout of a store directory::
 
-    models/<name>.safetensors      one model: sealed safetensors (see fileformat), header
-                                   metadata "tk" = JSON with everything inference needs
-    bases/<sha256>.safetensors     shared frozen weights (e.g. a backbone), content-addressed:
-                                   the file's sha256 is its name; models refer to it
-    weights/<plugin>/<name>.safetensors   pretrained weights imported for offline finetuning
-    .lock                          writers hold it (save, remove, garbage collection)
+    models/<name>.safetensors      one model: sealed safetensors (see fileformat) with the
+                                   tensors only it has; header metadata "tk" = JSON with
+                                   everything inference needs, and "shared": which tensors
+                                   it takes from which blobs
+    bases/<sha256>.safetensors     blobs: tensors kept once, content-addressed (the file's
+                                   sha256 is its name), see blobs and sharing
+    weights/<plugin>/<name>.json   imported pretrained weights: blob + provenance
+    artifacts/<name>/              plots of a model, removed with it
+    .lock                          writers hold it (save, import, remove, collect)
 
-A model file is written with one atomic rename, after its base: a save killed at any point
-leaves either the old state or the complete new model (plus a stale temp file, ignored by
-readers and removed by the next writer).
+A model is written with one atomic rename, after the blob it needs: a save killed at any
+point leaves the old state or the complete new model (plus a stale temp file or an
+unreferenced blob, both removed by the next writer). Every write ends with a garbage
+collection: a blob is removed once no model and no imported-weights pointer names it.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import os
-import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_store.atomic import (
-    atomic_write,
-    clean_stale_temps,
-    fsync_dir,
-    is_temp_name,
-    store_lock,
-)
-from model_store.fileformat import (
-    DamagedFileError,
-    load_tensors,
-    metadata_of,
-    read_header,
-    read_sealed,
-    seal,
-    serialize,
-    sha256_file,
-    verify_sealed,
-)
+from model_store import sharing
+from model_store.atomic import clean_stale_temps, fsync_dir, store_lock
+from model_store.blobs import Blobs
+from model_store.fileformat import check_tensors
+from model_store.files import freed_by_unlink, tree_ids
 from model_store.metadata import (
     FORMAT_VERSION,
-    META_KEY,
     STORE_KEYS,
-    check_name,
-    metrics_summary,
     now_iso,
-    parse_stored_metadata,
     to_json,
     validate_user_metadata,
 )
+from model_store.models import ModelFiles
+from model_store.records import ModelInfo, Removed, StoredModel, VerifyResult
+from model_store.weights_cache import WeightsCache
 from toolkit.errors import StoreError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-SUFFIX = ".safetensors"
-WEIGHTS_META_KEY = "tk_weights"
-_HEX64 = re.compile(rb"[0-9a-f]{64}")
+__all__ = ["ModelInfo", "ModelStore", "Removed", "StoredModel", "VerifyResult",
+           "default_store_path"]
 
 
 def default_store_path(env: Mapping[str, str] | None = None) -> Path:
@@ -78,240 +65,115 @@ def default_store_path(env: Mapping[str, str] | None = None) -> Path:
     return Path("~/.local/share/tk").expanduser()
 
 
-@dataclass
-class ModelInfo:
-    """One stored model as `tk store list` shows it."""
-
-    name: str
-    path: Path
-    size_bytes: int  # the model file alone
-    created: str  # UTC ISO 8601
-    backbone: str
-    classes: list[str]
-    metrics: dict[str, float]  # the scalar metrics
-    base_ref: str | None  # sha256 of the shared base, if any
-    head: str = ""
-    base_size_bytes: int = 0  # size of the shared base file (0 without one)
-    tk_version: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
-
-
-@dataclass
-class VerifyResult:
-    """Outcome of checking one file: ``ok`` or the ``problem`` in one line."""
-
-    name: str
-    ok: bool
-    problem: str | None = None
-    kind: str = "model"  # "model", "base" or "weights"
-    path: Path | None = None
-
-
-@dataclass
-class StoredModel:
-    """A stored model as the store holds it: checksum-verified tensors (its shared base
-    merged in) and metadata. Rebuilding the ``nn.Module`` is toolkit's job
-    (:func:`toolkit.load_model`)."""
-
-    name: str
-    path: Path
-    meta: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-
-
 class ModelStore:
-    """Save, load, list, verify and remove models; import pretrained weights."""
+    """Save, read, list, verify and remove models; import pretrained weights."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
         self.root = Path(path).expanduser() if path else default_store_path()
         self.models_dir = self.root / "models"
         self.bases_dir = self.root / "bases"
         self.weights_dir = self.root / "weights"
+        self.blobs = Blobs(self.bases_dir)
+        self.models = ModelFiles(self.models_dir, self.root, self.blobs)
+        self.weights = WeightsCache(self.weights_dir, self.blobs, self.root)
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
 
     # -- paths -------------------------------------------------------------------------
     def model_path(self, name: str) -> Path:
-        return self.models_dir / f"{check_name(name)}{SUFFIX}"
+        return self.models.path(name)
 
     def artifact_path(self, name: str, filename: str) -> Path:
         """Where a file that belongs to model ``name`` goes (training curves, confusion
         matrix...): ``artifacts/<name>/<filename>``, removed with the model."""
         if not filename or "/" in filename or filename.startswith("."):
             raise StoreError(f"invalid artifact file name {filename!r}")
-        return self.root / "artifacts" / check_name(name) / filename
+        return self.root / "artifacts" / self.models.path(name).stem / filename
 
     def base_path(self, sha256: str) -> Path:
-        return self.bases_dir / f"{sha256}{SUFFIX}"
+        """The blob file with sha256 ``sha256``."""
+        return self.blobs.path(sha256)
 
     def weights_path(self, backbone: str) -> Path:
-        owner, name = _split_qualified(backbone)
-        return self.weights_dir / owner / f"{name}{SUFFIX}"
+        """The pointer file of the weights imported for ``plugin:name`` (checks the name)."""
+        return self.weights.pointer_path(backbone)
 
-    def _names(self) -> list[str]:
-        try:
-            entries = os.listdir(self.models_dir)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(f"cannot read model store {self.root}: {exc.strerror}") from exc
-        return sorted(e[: -len(SUFFIX)] for e in entries
-                      if e.endswith(SUFFIX) and not is_temp_name(e) and not e.startswith("."))
-
-    def _existing(self, name: str) -> Path:
-        path = self.model_path(name)
-        if not path.is_file():
-            names = self._names()
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else (
-                " (tk store list shows what is there)" if names else " (the store is empty)")
-            raise StoreError(f"no model '{name}' in {self.root}{hint}")
-        return path
+    def owns(self, path: str | os.PathLike[str]) -> bool:
+        """True when ``path`` is, or would be created, inside the store: compared after
+        resolving links, and by (device, inode) of the file and of its folder, so a hard
+        link, a bind mount or a link the store holds to an outside file is caught too.
+        Commands that write user-named files (``-o``) refuse such paths."""
+        p = Path(path).expanduser()
+        root = Path(os.path.realpath(self.root))
+        real = Path(os.path.realpath(p))
+        if real == root or root in real.parents:
+            return True
+        ids = set()
+        for q in (p, p.parent, real.parent):
+            try:
+                st = os.stat(q)
+            except OSError:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+        return bool(ids) and bool(ids & tree_ids(root))
 
     # -- save --------------------------------------------------------------------------
     def save(self, name: str, state_dict: Mapping[str, torch.Tensor] | nn.Module,
-             metadata: dict[str, Any], *, shared_prefix: str | None = None,
-             overwrite: bool = False) -> ModelInfo:
-        """Write a model atomically. ``metadata`` needs spec, classes, data_config, training,
-        metrics and weights (JSON-able). With ``shared_prefix`` (e.g. ``"backbone."``) the
-        tensors under that prefix go once into a content-addressed base shared by every
-        model built on the same weights."""
+             metadata: dict[str, Any], *, shared: Iterable[str] | None = None,
+             shared_prefix: str | None = None, overwrite: bool = False) -> ModelInfo:
+        """Write a model atomically. ``metadata`` needs spec, classes, data_config,
+        training, metrics and weights (JSON-able).
+
+        ``shared`` names the tensors likely common to other models (frozen layers): keys,
+        or prefixes ending in ``"."`` (``shared_prefix="backbone."`` is the same as
+        ``shared=["backbone."]``). Whatever the store already holds is referenced, never
+        copied: a frozen tensor on imported weights costs nothing, and so does any other
+        tensor of 1 KiB or more found in a blob (from blobs the model takes at least 1 MiB
+        or half of: see :mod:`model_store.sharing`); shareable tensors found nowhere go
+        into a new blob, which the next model on the same weights shares."""
         path = self.model_path(name)
         if not isinstance(metadata, dict):
             raise StoreError("cannot save model: metadata is not a dict")
         metadata = json.loads(to_json(metadata))  # what will be stored: tuples -> lists...
         validate_user_metadata(metadata)
-        if path.exists() and not overwrite:
+        if os.path.lexists(path) and not overwrite:
             raise StoreError(f"model '{name}' exists; use --overwrite")
         if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
             state_dict = state_dict.state_dict()
         tensors = dict(state_dict)
-
-        base_raw: bytes | None = None
-        base_meta: dict[str, Any] | None = None
-        if shared_prefix:
-            shared = {k[len(shared_prefix):]: v for k, v in tensors.items()
-                      if k.startswith(shared_prefix)}
-            if not shared:
-                raise StoreError(f"cannot save model '{name}': no tensor name starts with "
-                                 f"{shared_prefix!r}")
-            tensors = {k: v for k, v in tensors.items() if not k.startswith(shared_prefix)}
-            base_raw = serialize(shared)
-            base_meta = {"sha256": hashlib.sha256(base_raw).hexdigest(),
-                         "prefix": shared_prefix, "size_bytes": len(base_raw),
-                         "tensors": len(shared)}
+        check_tensors(tensors)
+        shareable = sharing.shareable_keys(tensors, shared, shared_prefix, f"model '{name}'")
+        hashes = sharing.hash_candidates(tensors, shareable)
 
         meta = {k: v for k, v in metadata.items() if k not in STORE_KEYS}
-        meta.update(format_version=FORMAT_VERSION, name=name, created=now_iso(),
-                    base=base_meta)
-        chunks, _digest = seal(serialize(tensors, {META_KEY: to_json(meta)}))
-
+        meta.update(format_version=FORMAT_VERSION, name=name, created=now_iso())
         with store_lock(self.root):
-            replaced = path.exists()
-            if replaced and not overwrite:
+            if os.path.lexists(path) and not overwrite:
                 raise StoreError(f"model '{name}' exists; use --overwrite")
-            for directory in (self.models_dir, self.bases_dir):
-                clean_stale_temps(directory)
-            if base_meta is not None and base_raw is not None:
-                base_file = self.base_path(base_meta["sha256"])
-                if not (base_file.is_file() and sha256_file(base_file) == base_meta["sha256"]):
-                    atomic_write(base_file, [base_raw], "shared base weights")
-            size = atomic_write(path, chunks, f"model '{name}'")
-            if replaced:
-                self._gc_locked()
-        return ModelInfo(
-            name=name, path=path, size_bytes=size, created=meta["created"],
-            backbone=meta["spec"]["backbone"]["name"], classes=list(meta["classes"]),
-            metrics=metrics_summary(meta["metrics"]),
-            base_ref=base_meta["sha256"] if base_meta else None,
-            head=meta["spec"]["head"]["name"],
-            base_size_bytes=base_meta["size_bytes"] if base_meta else 0,
-            tk_version=str(meta.get("tk_version", "")))
+            if hashes:
+                self.weights.migrate()  # format-1 imports become blobs that can be shared
+            plan = sharing.plan(tensors, hashes, shareable, self.blobs)
+            shared_meta = sharing.commit(plan, tensors, self.blobs)
+            if shared_meta:
+                meta["shared"] = shared_meta
+            size = self.models.write(name, plan.own, meta)
+            self._gc_locked()
+        return self.models.info_from(name, path, size, meta)
 
-    # -- load --------------------------------------------------------------------------
+    # -- read, list, show ------------------------------------------------------------
     def read(self, name: str) -> StoredModel:
-        """The model's metadata and tensors (its base merged in under the base's prefix),
-        both checksum-verified; nothing is built."""
-        path = self._existing(name)
-        try:
-            raw, header = read_sealed(path)
-        except DamagedFileError as exc:
-            raise _damaged(name, path, exc) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read model '{name}' ({path}): {exc.strerror}") from exc
-        meta = parse_stored_metadata(metadata_of(header), f"model '{name}' ({path})")
-        try:
-            tensors = load_tensors(raw)
-        except DamagedFileError as exc:
-            raise _damaged(name, path, exc) from None
-        del raw
-        base = meta.get("base")
-        if base:
-            prefix = base["prefix"]
-            shared = self._load_base(base["sha256"], name)
-            clash = [k for k in shared if prefix + k in tensors]
-            if clash:
-                raise StoreError(f"model '{name}': tensor {prefix + clash[0]!r} is both in the "
-                                 "model file and in its base")
-            tensors.update({prefix + k: v for k, v in shared.items()})
-        return StoredModel(name=name, path=path, meta=meta, tensors=tensors)
-
-    def _load_base(self, sha: str, name: str) -> dict[str, torch.Tensor]:
-        path = self.base_path(sha)
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            raise StoreError(f"model '{name}': its base weights {sha[:12]} are missing "
-                             f"({path})") from None
-        except OSError as exc:
-            raise StoreError(f"model '{name}': cannot read base {path}: {exc.strerror}"
-                             ) from exc
-        if hashlib.sha256(raw).hexdigest() != sha:
-            raise StoreError(f"model '{name}': its base weights {sha[:12]} are damaged "
-                             f"({path}: sha256 mismatch); run `tk store verify`")
-        try:
-            return load_tensors(raw)
-        except DamagedFileError as exc:
-            raise StoreError(f"model '{name}': base {path} is unreadable: {exc}") from None
-
-    # -- list / info / show ------------------------------------------------------------
-    def _info(self, name: str, path: Path) -> ModelInfo:
-        """From the header only (cheap: no checksum)."""
-        try:
-            header = read_header(path)
-            size = path.stat().st_size
-        except DamagedFileError as exc:
-            raise _damaged(name, path, exc) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read model '{name}' ({path}): {exc.strerror}") from exc
-        meta = parse_stored_metadata(metadata_of(header), f"model '{name}' ({path})")
-        base = meta.get("base") or None
-        base_size = 0
-        if base:
-            try:
-                base_size = self.base_path(base["sha256"]).stat().st_size
-            except OSError:
-                base_size = 0
-        return ModelInfo(
-            name=name, path=path, size_bytes=size, created=meta["created"],
-            backbone=meta["spec"]["backbone"]["name"], classes=list(meta["classes"]),
-            metrics=metrics_summary(meta["metrics"]),
-            base_ref=base["sha256"] if base else None, head=meta["spec"]["head"]["name"],
-            base_size_bytes=base_size, tk_version=str(meta.get("tk_version", "")))
+        """The model's metadata and tensors (those it takes from blobs merged in under its
+        own keys), all checked against their digests; nothing is built."""
+        return self.models.read(name)
 
     def list(self) -> list[ModelInfo]:  # noqa: A003
-        """Complete, readable models, newest first. Temp files and damaged files are
-        skipped (:meth:`damaged` names the latter)."""
+        """Complete, readable models, newest first. Temp files, damaged files and entries
+        that are not regular files are skipped (:meth:`damaged` names them)."""
         infos = []
-        for name in self._names():
+        for name in self.models.names():
             try:
-                infos.append(self._info(name, self.models_dir / f"{name}{SUFFIX}"))
+                infos.append(self.models.info(name, self.models_dir / f"{name}.safetensors"))
             except StoreError:
                 continue
         infos.sort(key=lambda i: (i.created, i.name), reverse=True)
@@ -320,10 +182,10 @@ class ModelStore:
     def damaged(self) -> list[VerifyResult]:
         """Models that :meth:`list` skips because their header is unreadable (cheap)."""
         out = []
-        for name in self._names():
-            path = self.models_dir / f"{name}{SUFFIX}"
+        for name in self.models.names():
+            path = self.models_dir / f"{name}.safetensors"
             try:
-                self._info(name, path)
+                self.models.info(name, path)
             except StoreError as exc:
                 out.append(VerifyResult(name, False, str(exc), "model", path))
         return out
@@ -333,236 +195,135 @@ class ModelStore:
         return infos[0] if infos else None
 
     def info(self, name: str) -> ModelInfo:
-        return self._info(name, self._existing(name))
+        return self.models.info(name)
 
     def show(self, name: str) -> dict[str, Any]:
-        """The full metadata plus a ``file`` section (path, size, sha256, base file)."""
-        path = self._existing(name)
-        info = self._info(name, path)
-        try:
-            meta = parse_stored_metadata(metadata_of(read_header(path)), f"model '{name}'")
-            file_sha = sha256_file(path)
-        except DamagedFileError as exc:
-            raise _damaged(name, path, exc) from None
-        out = dict(meta)
-        out["file"] = {"path": str(path), "size_bytes": info.size_bytes, "sha256": file_sha}
-        if info.base_ref:
-            base_path = self.base_path(info.base_ref)
-            out["file"]["base_path"] = str(base_path)
-            out["file"]["base_size_bytes"] = info.base_size_bytes
-            out["file"]["base_present"] = base_path.is_file()
+        """The full metadata plus a ``file`` section (see :meth:`ModelFiles.show`)."""
+        return self.models.show(name)
+
+    def usage(self) -> dict[str, int]:
+        """Bytes on disk by part (``models``, ``blobs``, ``weights``, ``other``) and
+        ``total``; a file with several links in the store counts once."""
+        out = {"models": 0, "blobs": 0, "weights": 0, "other": 0}
+        part = {"models": "models", "bases": "blobs", "weights": "weights"}
+        seen: set[tuple[int, int]] = set()
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root).parts
+            key = part.get(rel[0], "other") if rel else "other"
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                out[key] += st.st_size
+        out["total"] = sum(out.values())
         return out
 
     # -- remove / gc -------------------------------------------------------------------
-    def remove(self, name: str) -> int:
-        """Delete a model and every base no other model uses; return the bytes freed."""
+    def remove(self, name: str) -> Removed:
+        """Delete a model, its artifacts and every blob nothing else uses. ``freed_bytes``
+        counts only what the file system got back: a symlinked model frees nothing of the
+        file it points to (which is kept), a hard-linked one nothing while another link
+        remains."""
         with store_lock(self.root):
-            path = self._existing(name)
-            freed = path.stat().st_size
+            path = self.models.existing(name)
+            kept = None
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                kept = f"the file it links to, {os.path.realpath(path)}, is kept"
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                kept = f"{st.st_nlink - 1} other hard link(s) keep its data"
+            freed = freed_by_unlink(path)
             try:
                 path.unlink()
             except OSError as exc:
                 raise StoreError(f"cannot remove model '{name}' ({path}): {exc.strerror}"
                                  ) from exc
             fsync_dir(self.models_dir)
-            shutil.rmtree(self.root / "artifacts" / name, ignore_errors=True)
-            for base in self._gc_locked():
-                freed += base[1]
-        return freed
+            artifacts = self.root / "artifacts" / name
+            if artifacts.is_dir() and not artifacts.is_symlink():
+                for dirpath, _dirs, files in os.walk(artifacts):
+                    freed += sum(freed_by_unlink(os.path.join(dirpath, f)) for f in files)
+                shutil.rmtree(artifacts, ignore_errors=True)
+            elif os.path.lexists(artifacts):
+                artifacts.unlink(missing_ok=True)
+            collected = self._gc_locked()
+        return Removed(name, freed + sum(n for _, n in collected), kept, len(collected))
 
     def gc(self) -> list[Path]:
-        """Remove unreferenced bases and stale temp files; return the bases removed."""
+        """Remove blobs nothing refers to and dead writers' temp files; return the blobs
+        removed. (Every save, import and removal does this too.)"""
         with store_lock(self.root):
             return [p for p, _ in self._gc_locked()]
 
     def _gc_locked(self) -> list[tuple[Path, int]]:
-        for directory in (self.models_dir, self.bases_dir):
+        for directory in (self.models_dir, self.bases_dir, *self.weights.folders()):
             clean_stale_temps(directory)
-        try:
-            bases = [e for e in os.listdir(self.bases_dir)
-                     if e.endswith(SUFFIX) and not e.startswith(".")]
-        except OSError:
+        referenced = self._referenced()
+        if referenced is None:
             return []
-        referenced: set[str] = set()
-        for name in self._names():
-            refs = _referenced_hashes(self.models_dir / f"{name}{SUFFIX}")
-            if refs is None:  # a header we cannot read might reference any base: keep all
-                return []
-            referenced |= refs
-        removed = []
-        for entry in bases:
-            sha = entry[: -len(SUFFIX)]
-            if sha in referenced:
-                continue
-            path = self.bases_dir / entry
-            try:
-                size = path.stat().st_size
-                path.unlink()
-                removed.append((path, size))
-            except OSError:
-                continue
-        if removed:
-            fsync_dir(self.bases_dir)
-        return removed
+        return self.blobs.remove_unreferenced(referenced)
+
+    def _referenced(self) -> set[str] | None:
+        """The blobs models and imports may use (a superset), None if unknowable."""
+        models = self.models.referenced_blobs()
+        weights = self.weights.referenced_blobs()
+        return None if models is None or weights is None else models | weights
 
     # -- verify ------------------------------------------------------------------------
     def verify(self, name: str | None = None) -> list[VerifyResult]:
-        """Check checksums: one model (and its base), or everything in the store."""
+        """Check digests and references: one model (and the blobs it uses), or every
+        model, blob and imported-weights entry in the store."""
+        checked: dict[str, str | None] = {}
         if name is not None:
-            return [self._verify_model(name, self._existing(name))]
-        results = [self._verify_model(n, self.models_dir / f"{n}{SUFFIX}")
-                   for n in self._names()]
-        for path in _files(self.bases_dir):
-            sha = path.name[: -len(SUFFIX)]
-            try:
-                ok = sha256_file(path) == sha
-                problem = None if ok else "sha256 mismatch: the file changed after it was written"
-            except OSError as exc:
-                ok, problem = False, f"unreadable: {exc.strerror}"
-            results.append(VerifyResult(f"base:{sha[:12]}", ok, problem, "base", path))
-        for path in sorted(self.weights_dir.glob(f"*/*{SUFFIX}")):
-            if is_temp_name(path.name):
-                continue
-            label = f"weights:{path.parent.name}:{path.name[: -len(SUFFIX)]}"
-            try:
-                verify_sealed(path)
-                results.append(VerifyResult(label, True, None, "weights", path))
-            except (DamagedFileError, OSError) as exc:
-                results.append(VerifyResult(label, False, _msg(exc), "weights", path))
+            self.models.existing(name)
+            return [self.models.verify(name, checked)]
+        results = [self.models.verify(n, checked) for n in self.models.names()]
+        for sha in self.blobs.shas():
+            if sha not in checked:
+                checked[sha] = self.blobs.check_file(sha)
+            results.append(VerifyResult(f"blob:{sha[:12]}", checked[sha] is None,
+                                        checked[sha], "blob", self.blobs.path(sha)))
+        results.extend(self.weights.verify(checked))
         return results
-
-    def _verify_model(self, name: str, path: Path) -> VerifyResult:
-        try:
-            header = verify_sealed(path)
-            meta = parse_stored_metadata(metadata_of(header), "metadata")
-        except (StoreError, OSError) as exc:
-            return VerifyResult(name, False, _msg(exc), "model", path)
-        base = meta.get("base")
-        if base:
-            base_path = self.base_path(base["sha256"])
-            if not base_path.is_file():
-                return VerifyResult(name, False, f"base {base['sha256'][:12]} missing "
-                                    f"({base_path})", "model", path)
-            try:
-                if sha256_file(base_path) != base["sha256"]:
-                    return VerifyResult(name, False, f"base {base['sha256'][:12]} damaged "
-                                        f"({base_path}: sha256 mismatch)", "model", path)
-            except OSError as exc:
-                return VerifyResult(name, False, f"base unreadable: {exc.strerror}",
-                                    "model", path)
-        return VerifyResult(name, True, None, "model", path)
 
     # -- imported pretrained weights ---------------------------------------------------
     def import_weights(self, backbone: str, tensors: Mapping[str, torch.Tensor],
                        provenance: dict[str, Any],
                        source_metadata: Mapping[str, str] | None = None) -> Path:
-        """Store pretrained weights for the backbone ``plugin:name`` (the caller reads the
+        """Keep pretrained weights for the backbone ``plugin:name`` (the caller reads the
         file: see :func:`toolkit.model.weights.import_weights`); ``provenance`` (source
-        file, its sha256, tk version...) is kept in the file's header. Returns the path."""
-        target = self.weights_path(backbone)
+        file, its sha256, tk version...) goes into the pointer. Returns the path of the
+        blob holding the tensors (what :meth:`find_weights` returns). Models on weights
+        imported before keep them: their blob stays while they refer to it."""
+        self.weights.pointer_path(backbone)  # check the name before anything else
         if not tensors:
             raise StoreError(f"no tensors to import for '{backbone}'")
-        info = {**provenance, "format_version": FORMAT_VERSION, "backbone": backbone,
-                "imported": now_iso()}
-        file_meta = {k: v for k, v in (source_metadata or {}).items()
-                     if k not in (META_KEY, WEIGHTS_META_KEY, "tk_digest")}
-        file_meta[WEIGHTS_META_KEY] = json.dumps(info, sort_keys=True)
-        chunks, _ = seal(serialize(dict(tensors), file_meta))
+        check_tensors(dict(tensors))
         with store_lock(self.root):
-            clean_stale_temps(target.parent)
-            atomic_write(target, chunks, f"weights for '{backbone}'")
-        return target
+            path = self.weights.put(backbone, tensors, provenance, source_metadata)
+            self._gc_locked()
+        return path
 
     def find_weights(self, backbone: str) -> Path | None:
-        """The imported weight file for ``plugin:name`` (or a bare name imported under
-        exactly one plugin), or None."""
-        if ":" in backbone:
-            path = self.weights_path(backbone)
-            return path if path.is_file() else None
-        check_name(backbone, "backbone name")
-        found = [p for p in self.weights_dir.glob(f"*/{backbone}{SUFFIX}") if p.is_file()]
-        return found[0] if len(found) == 1 else None
+        """The imported weights of ``plugin:name`` (or of a bare name imported under
+        exactly one plugin) as a plain safetensors file a backbone factory can read
+        (``pretrained=PATH``), or None."""
+        return self.weights.find(backbone)
 
     def load_weights(self, backbone: str) -> dict[str, torch.Tensor]:
         """The checksum-verified tensors imported for ``backbone`` (StoreError if none)."""
-        path = self.find_weights(backbone)
-        if path is None:
-            raise StoreError(f"no weights for '{backbone}' in {self.root} (import them with "
-                             f"`tk store import-weights {backbone} FILE`)")
-        try:
-            raw, _header = read_sealed(path)
-            return load_tensors(raw)
-        except DamagedFileError as exc:
-            raise StoreError(f"imported weights {path} are damaged: {exc}; import them again"
-                             ) from None
+        return self.weights.load(backbone)
 
     def weights_info(self, backbone: str) -> dict[str, Any] | None:
-        """Provenance of imported weights (source file, its sha256, when) plus
-        ``path`` and ``sha256`` of the stored file; None if not imported."""
-        path = self.find_weights(backbone)
-        if path is None:
-            return None
-        try:
-            meta = metadata_of(read_header(path))
-            info = json.loads(meta.get(WEIGHTS_META_KEY, "{}"))
-        except (DamagedFileError, ValueError) as exc:
-            raise StoreError(f"imported weights {path} are damaged: {exc}") from None
-        if not isinstance(info, dict):
-            raise StoreError(f"imported weights {path} have bad metadata")
-        info["path"] = str(path)
-        info["sha256"] = sha256_file(path)
-        return info
+        """Provenance of imported weights (source file, its sha256, when) plus ``path``
+        and ``sha256`` of the file with the tensors; None if not imported."""
+        return self.weights.info(backbone)
 
     def list_weights(self) -> list[dict[str, Any]]:
-        """Imported weight files: backbone, path, size_bytes."""
-        out = []
-        for path in sorted(self.weights_dir.glob(f"*/*{SUFFIX}")):
-            if is_temp_name(path.name):
-                continue
-            out.append({"backbone": f"{path.parent.name}:{path.name[: -len(SUFFIX)]}",
-                        "path": str(path), "size_bytes": path.stat().st_size})
-        return out
-
-
-def _split_qualified(backbone: str) -> tuple[str, str]:
-    if not isinstance(backbone, str) or backbone.count(":") != 1:
-        raise StoreError(f"weights need a qualified backbone name 'plugin:name', "
-                         f"not {backbone!r}")
-    owner, name = backbone.split(":")
-    return check_name(owner, "plugin name"), check_name(name, "backbone name")
-
-
-def _files(directory: Path) -> list[Path]:
-    try:
-        return sorted(p for p in directory.iterdir()
-                      if p.name.endswith(SUFFIX) and not p.name.startswith("."))
-    except OSError:
-        return []
-
-
-def _referenced_hashes(path: Path) -> set[str] | None:
-    """Every 64-hex string in a model's header (superset of its base reference), or None
-    when the header cannot be read at all."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return None
-            n = int.from_bytes(head, "little")
-            if n > 100 * 1024 * 1024:
-                return None
-            text = fh.read(n)
-    except OSError:
-        return None
-    return {m.decode() for m in _HEX64.findall(text)}
-
-
-def _msg(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split())
-
-
-def _damaged(name: str, path: Path, exc: Exception) -> StoreError:
-    return StoreError(f"model '{name}' is damaged ({path}): {_msg(exc)}; "
-                      "run `tk store verify`")
+        """Imported weights: backbone, path, size_bytes, blob, pointer, source_name,
+        imported."""
+        return self.weights.entries()

@@ -51,8 +51,10 @@ def _timm_factory(opt_name: str) -> Any:
 @hookimpl
 def tk_register_optimizers(register: Any) -> None:
     register("sgd", sgd, description="SGD (options: momentum=0.9, nesterov=true, dampening)")
-    register("adam", adam, description="Adam (options: beta1, beta2, eps)")
-    register("adamw", adamw, default=True,
+    register("adam", adam, default_lr=1e-3, description="Adam (options: beta1, beta2, eps)")
+    register("adamw", adamw, default=True, default_lr=1e-3,
              description="AdamW, decoupled weight decay (options: beta1, beta2, eps)")
     for name in TIMM_OPTIMIZERS:
-        register(f"timm-{name}", _timm_factory(name), description=f"timm's {name} optimizer")
+        lr = {"default_lr": 1e-4} if name == "lion" else {}  # Lion wants a 3-10x lower lr
+        register(f"timm-{name}", _timm_factory(name), description=f"timm's {name} optimizer",
+                 **lr)

@@ -41,17 +41,29 @@ OWNER = "timm"
 # set by tk (num_classes=0 gives the pooled features); not user options
 _RESERVED = {"num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
              "checkpoint_path", "features_only", "cache_dir", "global_pool"}
-DOWNLOAD_TIMEOUT_S = 30.0
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+NAMES_FORMAT = 1  # bump when the registered info changes shape
 
 
 @hookimpl
 def tk_register_backbones(register: Register) -> None:
+    """Every timm model and pretrained tag, from a list computed once per timm version
+    (:mod:`toolkit.plugin.namecache`): registering does not import timm."""
+    from toolkit.plugin.namecache import cached_entries
+
+    for name, info in cached_entries(OWNER, "timm", NAMES_FORMAT, _entries):
+        register(name, functools.partial(build, name), **info)
+
+
+def _entries() -> list[tuple[str, dict[str, Any]]]:
     import timm
     from timm.models import get_pretrained_cfg
 
     archs = set(timm.list_models())
     tagged = set(timm.list_models(pretrained=True))
+    out = []
     for name in sorted(archs | tagged):
         arch, _, tag = name.partition(".")
         if tag:
@@ -60,7 +72,8 @@ def tk_register_backbones(register: Register) -> None:
             cfg = get_pretrained_cfg(name)
             desc = (f"timm {arch}, default weights {cfg.tag}" if _has_weights(cfg)
                     else f"timm {arch} (no pretrained weights)")
-        register(name, functools.partial(build, name), fallback=True, description=desc)
+        out.append((name, {"fallback": True, "description": desc}))
+    return out
 
 
 def _has_weights(cfg: Any) -> bool:
@@ -166,83 +179,109 @@ def _offline() -> bool:
 
 
 def locate_weights(name: str, cfg: Any) -> tuple[str, WeightsInfo]:
-    """The local file of ``name``'s pretrained weights: caches first, then a download."""
-    import socket
+    """The local file of ``name``'s pretrained weights, through tk's one resolver: timm's
+    configured file, the Hugging Face cache, the torch hub cache (URL-hosted weights),
+    then a download from the hub or the URL."""
     from pathlib import Path
     from urllib.parse import urlparse
 
     import torch
 
-    from toolkit.errors import WeightsNotFoundError
-    from toolkit.model.backbone import WeightsInfo
-    from toolkit.model.weights import sha256_file
+    from toolkit.model.weights import (
+        WeightsSource,
+        download,
+        local_file,
+        resolve_pretrained,
+    )
 
     if not _has_weights(cfg):
         raise TkError(f"timm has no pretrained weights for '{name}'; use --no-pretrained for "
                       "random weights or --weights FILE")
-    tag = cfg.tag or None
-    if cfg.file and os.path.isfile(cfg.file):
-        return cfg.file, WeightsInfo("file", sha256_file(cfg.file), cfg.file, tag=tag)
-
     hf_cache = _hf_cache_dir()
     repo, _, revision = (cfg.hf_hub_id or "").partition("@")
     hf_files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_FILES
     url_file = (Path(torch.hub.get_dir()) / "checkpoints"
                 / os.path.basename(urlparse(cfg.url).path)) if cfg.url else None
-
-    def found(path: str, source: str, url: str | None) -> tuple[str, WeightsInfo]:
-        return path, WeightsInfo(source, sha256_file(path), str(path), url=url, tag=tag)
-
-    # 1. offline: the Hugging Face cache, then torch's hub cache for URL-hosted weights
+    sources = []
+    if cfg.file:
+        sources.append(local_file("file", cfg.file, f"timm's configured file {cfg.file}"))
+    hub_url = None
     if repo:
-        from huggingface_hub import hf_hub_download, hf_hub_url
+        from huggingface_hub import hf_hub_url
 
-        for fn in hf_files:
-            try:
-                path = hf_hub_download(repo, fn, revision=revision or None, cache_dir=hf_cache,
-                                       local_files_only=True)
-            except Exception:
-                continue
-            return found(path, "cache", hf_hub_url(repo, fn, revision=revision or None))
-    if url_file is not None and url_file.is_file():
-        return found(str(url_file), "cache", cfg.url)
+        hub_url = hf_hub_url(repo, hf_files[0], revision=revision or None)
+        sources += [WeightsSource(
+            "cache", f"the Hugging Face cache {hf_cache} ({repo}/{fn})",
+            functools.partial(_hf_cached, repo, fn, revision, hf_cache),
+            hf_hub_url(repo, fn, revision=revision or None)) for fn in hf_files]
+    if url_file is not None:
+        sources.append(local_file("cache", url_file, f"the torch hub cache {url_file}"))
+    if repo:
+        sources.append(WeightsSource(
+            "download", f"a download from the Hugging Face hub ({repo})",
+            functools.partial(_hf_download, repo, hf_files, revision, hf_cache), hub_url))
+    if url_file is not None:
+        fetch = download(cfg.url, url_file)
+        if repo and _offline():  # the hub copy is the primary one: offline means offline
+            fetch = WeightsSource("download", fetch.where, _skip_offline, cfg.url)
+        sources.append(fetch)
+    if repo:
+        filename, url = f"{repo}/{hf_files[0]}", hub_url
+    else:
+        filename, url = url_file.name if url_file else name, cfg.url
 
-    # 2. a download (short socket timeout: offline machines fail fast)
+    path, info = resolve_pretrained(f"timm:{name}", sources, filename=filename, url=url,
+                                    tag=cfg.tag or None)
+    return str(path), info
+
+
+def _skip_offline() -> None:
+    from toolkit.model.weights import SourceSkipped
+
+    raise SourceSkipped("HF_HUB_OFFLINE=1")
+
+
+def _hf_cached(repo: str, filename: str, revision: str, cache_dir: str) -> str | None:
+    """The cached hub file, or None (never a network request)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir,
+                               local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache
+        return None
+
+
+def _hf_download(repo: str, filenames: tuple[str, ...], revision: str, cache_dir: str) -> str:
+    """Download the first of ``filenames`` the hub repo has (short socket timeout; one
+    quick reachability check first, since huggingface_hub retries unreachable hosts for
+    about half a minute per file)."""
+    import socket
+
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from toolkit.model.weights import DOWNLOAD_TIMEOUT_S, SourceSkipped
+
+    if _offline():
+        raise SourceSkipped("HF_HUB_OFFLINE=1")
+    first = hf_hub_url(repo, filenames[0], revision=revision or None)
+    if not _reachable(first):
+        raise ConnectionError(f"{first.split('/')[2]} does not answer")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        if repo and not _offline() and _reachable(hf_hub_url(repo, hf_files[0],
-                                                             revision=revision or None)):
-            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-            for fn in hf_files:
-                try:
-                    path = hf_hub_download(repo, fn, revision=revision or None,
-                                           cache_dir=hf_cache)
-                except EntryNotFoundError as exc:
-                    if isinstance(exc, LocalEntryNotFoundError):  # no connection after all
-                        break
-                    continue  # the repo has the other file name
-                except Exception:
-                    break
-                return found(path, "download", hf_hub_url(repo, fn, revision=revision or None))
-        if url_file is not None and not (repo and _offline()):
+        for fn in filenames:
             try:
-                url_file.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(cfg.url, str(url_file), progress=False)
-                return found(str(url_file), "download", cfg.url)
-            except Exception:
-                pass
+                return hf_hub_download(repo, fn, revision=revision or None,
+                                       cache_dir=cache_dir)
+            except EntryNotFoundError as exc:
+                if isinstance(exc, LocalEntryNotFoundError):  # no connection after all
+                    raise
+                continue  # the repo has the other file name
     finally:
         socket.setdefaulttimeout(previous)
-
-    looked_in = ([hf_cache] if repo else []) + ([str(url_file.parent)] if url_file else [])
-    if repo:
-        filename = f"{repo}/{hf_files[0]}"
-        url = hf_hub_url(repo, hf_files[0], revision=revision or None)
-    else:
-        filename, url = url_file.name if url_file else name, cfg.url
-    raise WeightsNotFoundError(f"timm:{name}", filename, url, looked_in)
+    raise FileNotFoundError(f"the repo has none of {', '.join(filenames)}")
 
 
 def _reachable(url: str) -> bool:

@@ -40,15 +40,25 @@ if TYPE_CHECKING:
 OWNER = "torchvision"
 # set by tk itself, never by options
 _RESERVED = {"num_classes", "weights", "progress", "aux_logits", "init_weights"}
-DOWNLOAD_TIMEOUT_S = 30.0
+
+
+NAMES_FORMAT = 1  # bump when the registered info changes shape
 
 
 @hookimpl
 def tk_register_backbones(register: Register) -> None:
+    """Every torchvision classifier, from a list computed once per torchvision version
+    (:mod:`toolkit.plugin.namecache`): registering imports nothing heavy."""
+    from toolkit.plugin.namecache import cached_entries
+
+    for name, info in cached_entries(OWNER, "torchvision", NAMES_FORMAT, _entries):
+        register(name, functools.partial(build, name), **info)
+
+
+def _entries() -> list[tuple[str, dict[str, Any]]]:
     import torchvision.models as tvm
 
-    for name in tvm.list_models(module=tvm):
-        register(name, functools.partial(build, name), **_describe(name))
+    return [(name, _describe(name)) for name in tvm.list_models(module=tvm)]
 
 
 def _describe(name: str) -> dict[str, Any]:
@@ -234,47 +244,27 @@ def _legacy_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pretrained_weights(name: str, weights: Any) -> tuple[dict[str, Any], Any]:
-    """Find the weights file of ``weights``: torch hub cache first, then a download."""
+    """The weights file of ``weights``: the torch hub cache, then a download into it
+    (checked against the hash prefix in the file name), through tk's one resolver."""
     import re
-    import socket
     from pathlib import Path
     from urllib.parse import urlparse
 
     import torch
 
-    from toolkit.errors import WeightsNotFoundError
-    from toolkit.model.backbone import WeightsInfo
-    from toolkit.model.weights import read_state_dict, sha256_file
+    from toolkit.model.weights import download, local_file, read_state_dict, resolve_pretrained
 
     if weights is None:
         raise TkError(f"torchvision has no pretrained weights for '{name}'; "
                       "use --no-pretrained for random weights or --weights FILE")
     filename = os.path.basename(urlparse(weights.url).path)
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = cache_dir / filename
-    if cached.is_file():
-        sd = read_state_dict(cached)
-        source = "cache"
-    else:
-        # what weights.get_state_dict() does, minus its unpickling and its stderr chatter:
-        # torch.hub's download into the same cache file, checked against the hash prefix
-        # in the file name
-        match = re.search(r"-([a-f0-9]+)\.", filename)
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(weights.url, str(cached),
-                                           hash_prefix=match.group(1) if match else None,
-                                           progress=False)
-        except Exception as exc:
-            raise WeightsNotFoundError(name, filename, weights.url, [str(cache_dir)]) from exc
-        finally:
-            socket.setdefaulttimeout(previous)
-        sd = read_state_dict(cached)
-        source = "download"
-    return sd, WeightsInfo(source, sha256=sha256_file(cached), file=str(cached), url=weights.url,
-                           tag=weights.name)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    match = re.search(r"-([a-f0-9]+)\.", filename)
+    path, info = resolve_pretrained(name, [
+        local_file("cache", cached, f"the torch hub cache {cached}"),
+        download(weights.url, cached, hash_prefix=match.group(1) if match else None),
+    ], filename=filename, url=weights.url, tag=weights.name)
+    return read_state_dict(path), info
 
 
 def data_config(weights: Any) -> DataConfig:

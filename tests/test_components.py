@@ -98,7 +98,7 @@ def test_freezing_and_param_groups(plugins):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from toolkit.train.trainer import lr_factor
+    from toolkit.train.loop import lr_factor
 
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

@@ -31,8 +31,8 @@ from toolkit.testing import isolated_env
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tk-plugin-textures"
 HOOKS = sorted(name for name, f in vars(hookspecs).items() if hasattr(f, "tk_spec"))
-COMPONENTS = {"backbones": "texture-cnn", "heads": "cosine", "losses": "poly1",
-              "optimizers": "lion", "datasets": "textures"}
+COMPONENTS = {"backbones": ["texture-cnn"], "heads": ["cosine"], "losses": ["poly1"],
+              "optimizers": ["lion"], "datasets": ["json-manifest", "textures"]}
 IGNORE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
 
 
@@ -112,11 +112,11 @@ def test_tk_plugins_lists_it_with_its_version_and_every_hook(venv: Venv, tmp_pat
     text = venv.run("plugins", home=tmp_path)
     assert text.returncode == 0, text.stderr
     assert text.stdout.splitlines()[0] == (
-        "textures 0.2.0  (tk-plugin-textures: tk_textures.plugin)")
+        "textures 0.3.0  (tk-plugin-textures: tk_textures.plugin)")
     records = json.loads(venv.run("plugins", "--json", home=tmp_path).stdout)
     assert [(r["name"], r["distribution"], r["version"], r["source"], r["error"])
             for r in records] == [
-        ("textures", "tk-plugin-textures", "0.2.0", "entry point", None)]
+        ("textures", "tk-plugin-textures", "0.3.0", "entry point", None)]
     assert records[0]["hooks"] == HOOKS  # the example implements every hook there is
     everything = json.loads(venv.run("plugins", "--all", "--json", home=tmp_path).stdout)
     builtins = [r for r in everything if r["builtin"]]
@@ -132,13 +132,14 @@ def test_tk_list_shows_its_components(venv: Venv, tmp_path: Path, kind: str) -> 
     listing = venv.run("list", kind, env=env, home=tmp_path)
     assert listing.returncode == 0, listing.stderr
     rows = {tuple(line.split()[:2]) for line in listing.stdout.splitlines()}
-    assert (COMPONENTS[kind], "textures") in rows
+    assert {(name, "textures") for name in COMPONENTS[kind]} <= rows
     if kind != "backbones":
         assert len(rows) > 1  # the built-ins are there too
     as_json = json.loads(venv.run("list", kind, "textures:*", "--json", env=env,
                                   home=tmp_path).stdout)
-    assert [(c["name"], c["plugin"]) for c in as_json] == [(COMPONENTS[kind], "textures")]
-    assert as_json[0]["description"]
+    assert [(c["name"], c["plugin"]) for c in as_json] == [
+        (name, "textures") for name in COMPONENTS[kind]]
+    assert all(c["description"] for c in as_json)
 
 
 def test_its_command_runs(venv: Venv, tmp_path: Path) -> None:
@@ -162,6 +163,26 @@ def test_its_command_runs(venv: Venv, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_data_json_reaches_its_manifest_dataset(venv: Venv, tmp_path: Path) -> None:
+    """The plugin claims ``.json`` through ``tk_dataset_for_path``: ``--data FILE.json``
+    goes to its ``json-manifest`` dataset (whose classes show in the mismatch message),
+    a folder still goes to the built-in ``imagefolder``."""
+    out = tmp_path / "samples"
+    made = venv.run("textures-preview", str(out), "--classes", "3", "--per-class", "2",
+                    "--manifest", home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert made.stderr.strip().endswith(f"and {out / 'manifest.json'}")
+    common = ["finetune", "--backbone", "texture-cnn", "--classes", "5", "--device", "cpu"]
+    proc = venv.run(*common, "--data", str(out / "manifest.json"), home=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (  # the manifest's order of classes
+        "tk: error: --classes 5 but the data has 3 classes (stripes-h, stripes-v, checker)")
+    folder = venv.run(*common, "--data", str(out), home=tmp_path)
+    assert folder.returncode == 2, folder.stderr
+    assert folder.stderr.strip().splitlines()[-1].endswith(  # imagefolder's sorted order
+        "has 3 classes (checker, stripes-h, stripes-v)")
+
+
 def test_help_stays_free_of_torch_with_the_plugin_installed(venv: Venv, tmp_path: Path
                                                             ) -> None:
     script = ("import sys\nfrom toolkit.cli import main\n"
@@ -181,7 +202,7 @@ def test_tk_finetune_trains_with_all_its_components_together(venv: Venv, tmp_pat
     proc = venv.run(
         "finetune", "--backbone", "texture-cnn", "--dataset", "textures", "--head", "cosine",
         "--loss", "poly1", "--optimizer", "textures:lion", "--classes", "4", "--epochs", "2",
-        "--batch-size", "16", "--lr", "3e-4", "--opt", "dataset.per_class=12",
+        "--batch-size", "16", "--opt", "dataset.per_class=12",
         "--opt", "loss.epsilon=0.5", "--device", "cpu", "--workers", "0",
         "--store", str(store), "--name", "textured",
         home=tmp_path, env={"TK_TEXTURES_JOURNAL": str(journal)})
@@ -200,6 +221,7 @@ def test_tk_finetune_trains_with_all_its_components_together(venv: Venv, tmp_pat
     assert training["dataset_options"]["per_class"] == 12
     assert training["loss"] == "textures:poly1"  # recorded qualified, like the spec
     assert training["optimizer"] == "textures:lion"
+    assert training["lr"] == 1e-4  # no --lr: the default_lr lion registers
     assert len(meta["metrics"]["history"]) == 2
     # pretrained is the default: the weights that ship inside the wheel were used
     shipped = venv.site / "tk_textures" / "weights" / "texture_cnn_w16.safetensors"
@@ -229,4 +251,4 @@ def test_the_plugin_own_test_suite_passes_in_the_venv(venv: Venv, tmp_path: Path
                            "-k", "not tiny_finetune", str(tests)], capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "8 passed, 1 deselected" in proc.stdout
+    assert "17 passed, 1 deselected" in proc.stdout

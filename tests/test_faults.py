@@ -154,7 +154,7 @@ def test_kill_during_real_saves_then_resume_loses_nothing(tmp_path: Path):
 
     def checkpoint_window() -> bool:  # epoch 2's checkpoint is being written
         return (run_dir / "checkpoint.safetensors").exists() and any(
-            run_dir.glob(".ckpt-*.tmp"))
+            run_dir.glob(".tk-tmp-*checkpoint*"))
 
     def model_window() -> bool:
         return any(models.glob(".tk-tmp-*victim*"))
@@ -196,10 +196,11 @@ def test_file_size_limit_during_training_is_one_clear_line(tmp_path: Path):
     env = tk_env(tmp_path)
     proc = tk([*TRAIN, "--epochs", "2", "--name", "big"], env,
               preexec_fn=_file_size_limit(20_000))
-    assert_one_clear_error(proc, "cannot write checkpoint", "file too large")
+    assert_one_clear_error(proc, "cannot write checkpoint", "File too large",
+                           "the previous checkpoint, if any, is kept")
     store = tmp_path / "home"
     assert_store_consistent(store, [])
-    assert not list((store / "runs").rglob(".ckpt-*"))  # the temp file went with the error
+    assert not list((store / "runs").rglob(".tk-tmp-*"))  # the temp file went with the error
 
 
 def test_file_size_limit_during_import_weights(tmp_path: Path):
@@ -207,7 +208,7 @@ def test_file_size_limit_during_import_weights(tmp_path: Path):
     partial weights file, nothing listed."""
     import torch
 
-    from toolkit.plugin.manager import _import
+    from toolkit.plugin.importing import _import
 
     torch.manual_seed(0)
     state = _import(TINY_PLUGIN).tiny_cnn(False, width=16).module.state_dict()

@@ -99,7 +99,12 @@ def test_kill_then_resume_matches_uninterrupted_run(env: dict[str, str], tmp_pat
     assert killed.returncode == -9  # SIGKILL at the end of epoch 2
     models = tmp_path / "store" / "models"
     assert not (models / "crashy.safetensors").exists()
-    assert (tmp_path / "store" / "runs" / "crashy" / "checkpoint.safetensors").exists()
+    checkpoint = tmp_path / "store" / "runs" / "crashy" / "checkpoint.safetensors"
+    from toolkit.train.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(checkpoint)  # epoch 1's: the best epoch is the current one
+    assert saved["state"]["epoch"] == 1 and saved["state"]["best_epoch"] == 1
+    assert saved["best"] == {}  # so its weights are stored once, not twice
 
     resumed = tk([*common, "--name", "crashy", "--resume"], env)
     assert "resuming after epoch 1" in resumed.stderr
@@ -169,5 +174,29 @@ def test_resume_with_other_settings_is_a_user_error(env: dict[str, str]):
     assert killed.returncode == -9
     proc = tk([*common, "--head", "mlp", "--resume"], env, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "made with other settings" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 2  # the set-up line, then the error
+    assert "was made with another model (head: 'heads:linear' then, 'heads:mlp' now)" \
+        in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # refused before the set-up line
+
+
+def test_checkpoint_stores_only_the_best_weights_that_differ():
+    """The best epoch's weights go into a checkpoint only where they differ from the
+    model's current ones (a frozen backbone, or the last epoch being the best, costs
+    nothing twice); reading it back gives the full best state."""
+    import torch
+
+    from toolkit.train.progress import Progress
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    progress = Progress()
+    metrics = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
+               "val_acc": 0.5}
+    assert progress.record(1, metrics, torch.zeros(2, 2, dtype=torch.long), model)
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # epoch 2 changes the head only, and is not better
+    progress.record(2, dict(metrics, epoch=2, val_acc=0.4), torch.zeros(2, 2), model)
+    state, best = progress.to_checkpoint(model.state_dict())
+    assert set(best) == {"1.weight"}
+    back = Progress.from_checkpoint(state, best, model.state_dict(), epochs=3, num_classes=2)
+    assert back.best_epoch == 1 and back.since_best == 1
+    assert all(back.best_state[k].equal(progress.best_state[k]) for k in back.best_state)

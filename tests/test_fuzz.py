@@ -382,6 +382,7 @@ META_PATHS = (
     ("data_config", "input_size", 1), ("data_config", "mean"), ("data_config", "std", 0),
     ("data_config", "crop_pct"), ("data_config", "interpolation"), ("training",),
     ("metrics",), ("weights",), ("base",), ("base", "sha256"), ("base", "prefix"),
+    ("shared",), ("shared", "blobs"), ("shared", "tensors"),
     ("format_version",), ("created",), ("name",), ("tk_version",),
 )
 EDIT = st.one_of(

@@ -22,7 +22,7 @@ from typing import Any
 import click
 import pytest
 
-from toolkit.errors import AmbiguousNameError, PluginError, UnknownNameError
+from toolkit.errors import AmbiguousNameError, PluginBugError, PluginError, UnknownNameError
 from toolkit.plugin import hookspecs
 from toolkit.plugin.manager import load_plugins
 from toolkit.plugin.registry import KINDS, Registry
@@ -202,33 +202,43 @@ def test_plugin_calling_sys_exit_on_import_is_recorded(tmp_path: Path) -> None:
     assert plugins.records["exits"].error == "import: SystemExit: 3"
 
 
-def test_plugin_raising_in_registration_is_recorded_and_the_rest_works(site: Path) -> None:
+def test_plugin_raising_in_registration_loses_that_hook_only(site: Path) -> None:
     mod = unique("halfway")
     source = backbone_plugin("early-net", extra="""
         @hookimpl
         def tk_register_heads(register):
+            register("half-head", factory)
             raise ValueError("head table is corrupt")
         """)
     install_dist(site, "tk-halfway", "0.1", {"halfway": mod}, {mod: source})
     plugins = load_plugins(env=NO_ENV)
     heads = plugins.registry("heads")
-    assert plugins.records["halfway"].error == (
-        "register heads: ValueError: head table is corrupt")
+    record = plugins.records["halfway"]
+    assert record.error is None
+    assert record.problems == ["tk_register_heads raised ValueError: head table is corrupt"]
     assert heads.resolve("linear").owner == "heads"
+    assert "half-head" not in heads  # what the failing hook registered before raising
     assert plugins.registry("backbones").resolve("early-net").owner == "halfway"
 
 
-def test_plugin_with_a_misspelt_hook_argument_is_recorded(tmp_path: Path) -> None:
+def test_plugin_with_a_misspelt_hook_argument_gets_did_you_mean(tmp_path: Path) -> None:
     path = write_module(tmp_path, "typo", textwrap.dedent("""
         from toolkit.plugin.hookspecs import hookimpl
 
         @hookimpl
         def tk_register_backbones(registr):
             registr("x", print)
+
+        @hookimpl
+        def tk_register_heads(register):
+            register("typo-head", print)
         """))
     plugins = load_plugins([str(path)], env=NO_ENV)
-    error = plugins.records["typo"].error
-    assert error.startswith("register: ") and "registr" in error and "\n" not in error
+    record = plugins.records["typo"]
+    assert record.error is None and record.hooks == ["tk_register_heads"]
+    assert record.problems == ["tk_register_backbones has no parameter 'registr' (did you "
+                               "mean 'register'?) (it takes register)"]
+    assert plugins.registry("heads").resolve("typo-head").owner == "typo"
 
 
 def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path) -> None:
@@ -244,11 +254,40 @@ def test_plugin_with_a_misspelt_hook_name_is_reported_not_ignored(tmp_path: Path
             register("seen-head", print)
         """))
     plugins = load_plugins([str(path)], env=LIGHT)
-    assert plugins.records["misspelt"].error == (
-        "register: toolkit.errors.PluginError: unknown hook tk_register_backbone "
-        "(did you mean tk_register_backbones?)")
-    assert "seen-head" not in plugins.registry("heads")  # the whole plugin is out
-    assert load_plugins(env=LIGHT).registry("heads").resolve("linear")
+    assert plugins.records["misspelt"].problems == [
+        "tk_register_backbone is not a tk hook (did you mean tk_register_backbones?)"]
+    assert plugins.registry("heads").resolve("seen-head").owner == "misspelt"  # kept
+    with pytest.raises(UnknownNameError) as err:
+        plugins.registry("backbones").resolve("never-seen")
+    assert str(err.value).endswith(
+        "; note: plugin 'misspelt' (--plugin " + str(path) + ") has a problem: "
+        "tk_register_backbone is not a tk hook (did you mean tk_register_backbones?) "
+        "(see `tk plugins`)")
+    with pytest.raises(PluginError, match=r"^plugin 'misspelt': tk_register_backbone is not"):
+        load_plugins([str(path)], env={**LIGHT, "TK_STRICT_PLUGINS": "1"})
+
+
+def test_a_function_named_like_a_hook_without_hookimpl_is_a_problem(tmp_path: Path) -> None:
+    path = write_module(tmp_path, "unmarked", textwrap.dedent("""
+        from toolkit.plugin.hookspecs import hookimpl
+
+        def tk_register_heads(register):
+            register("never-registered", print)
+
+        def tk_helper_for_tests():  # not named like a hook: fine
+            pass
+
+        @hookimpl
+        def tk_register_losses(register):
+            register("marked-loss", print)
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    record = plugins.records["unmarked"]
+    assert record.hooks == ["tk_register_losses"] and record.error is None
+    assert record.problems == ["tk_register_heads is named like a hook but not marked with "
+                               "@hookimpl, so it would never be called"]
+    with pytest.raises(PluginError, match="not marked with @hookimpl"):
+        load_plugins([str(path)], env={**LIGHT, "TK_STRICT_PLUGINS": "yes"})
 
 
 def test_strict_makes_an_import_failure_fatal_naming_the_plugin(site: Path) -> None:
@@ -269,7 +308,8 @@ def test_strict_makes_a_registration_failure_fatal_naming_the_plugin(tmp_path: P
             raise KeyError("oops")
         """))
     plugins = load_plugins([str(path)], env={"TK_STRICT_PLUGINS": "true"})
-    with pytest.raises(PluginError, match="plugin 'fails_late' failed to register losses"):
+    with pytest.raises(PluginError, match="^plugin 'fails_late': tk_register_losses raised "
+                                          "KeyError: 'oops'"):
         plugins.registry("losses")
 
 
@@ -372,18 +412,23 @@ def test_listing_matches_fnmatch_patterns_on_bare_and_qualified_names() -> None:
     assert len(names(None)) == len(reg) == 5
 
 
-@pytest.mark.parametrize(("name", "factory", "problem"), [
-    ("bad:name", print, "invalid backbone name"),
-    ("", print, "invalid backbone name"),
-    ("no-factory", 42, "without a factory"),
+@pytest.mark.parametrize(("name", "factory", "info", "problem"), [
+    ("bad:name", print, {}, "invalid backbone name"),
+    ("", print, {}, "invalid backbone name"),
+    ("no-factory", 42, {}, "without a factory"),
+    ("lr-text", print, {"default_lr": "fast"}, "default_lr='fast': expected a positive number"),
+    ("lr-zero", print, {"default_lr": 0}, "default_lr=0: expected a positive number"),
 ])
 def test_bad_registrations_are_reported_against_the_plugin(tmp_path: Path, name: str,
-                                                           factory: Any, problem: str) -> None:
+                                                           factory: Any, info: dict[str, Any],
+                                                           problem: str) -> None:
     plugin = type("Plugin", (), {})()
-    plugin.tk_register_backbones = hookspecs.hookimpl(lambda register: register(name, factory))
+    plugin.tk_register_backbones = hookspecs.hookimpl(
+        lambda register: (register(name, factory, **info), register("fine", print)))
     plugins = fresh_plugins(("sloppy", plugin), builtins=False, strict=False)
-    assert len(plugins.registry("backbones")) == 0
-    assert problem in plugins.records["sloppy"].error
+    assert [c.name for c in plugins.registry("backbones").list()] == ["fine"]
+    [reported] = plugins.records["sloppy"].problems
+    assert problem in reported and "sloppy" in reported
 
 
 def test_same_plugin_registering_a_name_twice_is_reported(tmp_path: Path) -> None:
@@ -395,7 +440,8 @@ def test_same_plugin_registering_a_name_twice_is_reported(tmp_path: Path) -> Non
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
     plugins.registry("datasets")
-    assert "registered dataset 'd' twice" in plugins.records["stutter"].error
+    assert plugins.records["stutter"].problems == [
+        "plugin 'stutter' registered dataset 'd' twice"]
 
 
 def test_unknown_kind_is_an_error() -> None:
@@ -485,10 +531,13 @@ def test_a_failing_observer_warns_and_training_goes_on(
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
     plugins.notify("tk_epoch_end", epoch=2, metrics={})
-    assert "plugin 'grumpy' failed in tk_epoch_end: disk full" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"tk: warning: plugin 'grumpy' (--plugin {path}) failed "
+                                       "in tk_epoch_end: OSError: disk full\n")
     strict = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": "", "TK_STRICT_PLUGINS": "1"})
-    with pytest.raises(PluginError, match="plugin 'grumpy' failed in tk_epoch_end"):
+    with pytest.raises(PluginBugError, match=r"plugin 'grumpy' \(--plugin .*\) raised "
+                                             r"OSError: disk full in tk_epoch_end") as err:
         strict.notify("tk_epoch_end", epoch=2, metrics={})
+    assert err.value.exit_code == 1
 
 
 def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> None:
@@ -500,8 +549,10 @@ def test_a_plugin_command_that_fails_to_register_is_reported(tmp_path: Path) -> 
             cli.add_command(None)
         """))
     plugins = load_plugins([str(path)], env={"TK_LOAD_PLUGINS": ""})
-    plugins.add_commands(click.Group("tk"))
-    assert plugins.records["nocmd"].error.startswith("register commands: ")
+    group = click.Group("tk")
+    plugins.add_commands(group)
+    assert plugins.records["nocmd"].problems[0].startswith("tk_register_commands raised ")
+    assert group.commands == {}
 
 
 def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
@@ -520,16 +571,14 @@ def test_a_plugin_cannot_replace_an_existing_command(tmp_path: Path) -> None:
     plugins.add_commands(group)
     assert group.commands["list"] is original
     assert "usurp" in group.commands  # its other command is fine
-    assert plugins.records["usurper"].error == (
-        "register commands: toolkit.errors.PluginError: command 'list' exists already; "
-        "choose another name")
+    assert plugins.records["usurper"].problems == [
+        "command 'list' exists already; choose another name"]
     env = isolated_env(tmp_path, {"TK_DISABLE_PLUGINS": "timm,torchvision"})
     help_ = tk("--plugin", str(path), "--help", env=env, cwd=tmp_path)
     assert help_.returncode == 0 and "usurp" in help_.stdout
     assert "List registered components" in help_.stdout  # tk's own `list`
     shown = tk("--plugin", str(path), "plugins", env=env, cwd=tmp_path)
-    assert "error: register commands: toolkit.errors.PluginError: command 'list' exists" \
-        in shown.stdout
+    assert "    problem: command 'list' exists already; choose another name" in shown.stdout
 
 
 def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -> None:
@@ -545,22 +594,21 @@ def test_tk_plugins_reports_failures_inside_registration_hooks(tmp_path: Path) -
             raise ValueError("optimizer table is corrupt")
         """))
     plugins = load_plugins([str(path)], env=LIGHT)
-    assert plugins.records["lazy_fail"].error is None  # imported fine; hooks not run yet
+    assert plugins.records["lazy_fail"].problems == []  # imported fine; hooks not run yet
     plugins.check()
-    assert plugins.records["lazy_fail"].error == (
-        "register optimizers: ValueError: optimizer table is corrupt")
+    problem = "tk_register_optimizers raised ValueError: optimizer table is corrupt"
+    assert plugins.records["lazy_fail"].problems == [problem]
     assert plugins.registry("heads").resolve("fine-head").owner == "lazy_fail"
 
     env = isolated_env(tmp_path)
     shown = tk("--plugin", str(path), "plugins", "--json", env=env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert [(r["name"], r["error"]) for r in json.loads(shown.stdout)] == [
-        ("lazy_fail", "register optimizers: ValueError: optimizer table is corrupt")]
+    assert [(r["name"], r["error"], r["problems"]) for r in json.loads(shown.stdout)] == [
+        ("lazy_fail", None, [problem])]
     strict = tk("--plugin", str(path), "plugins", env={**env, "TK_STRICT_PLUGINS": "1"},
                 cwd=tmp_path)
     assert strict.returncode == 2 and strict.stderr.strip() == (
-        "tk: error: plugin 'lazy_fail' failed to register optimizers: "
-        "ValueError: optimizer table is corrupt")
+        f"tk: error: plugin 'lazy_fail': {problem} (TK_STRICT_PLUGINS=1)")
 
 
 # -- the CLI, in a subprocess ----------------------------------------------------------------
@@ -710,6 +758,271 @@ def test_two_installed_plugins_clash_and_plugin_name_picks_one(installed: dict[s
     assert shown.returncode == 0, shown.stderr
     assert '"beta:twin-net"' in shown.stdout
     assert '"alpha:twin-net"' not in shown.stdout
+
+
+# -- what a plugin author meets (issue 13), through installed wheels ------------------------
+TRAIN = ["--epochs", "1", "--batch-size", "4", "--no-pretrained", "--device", "cpu",
+         "--workers", "0", "-q"]
+
+
+def write_manifest(root: Path, name: str = "m.json") -> Path:
+    """Two classes of real images listed in acme's JSON manifest format."""
+    make_image_folder(root / "images", ["cat", "dog"], per_class=4, size=32)
+    images = [{"path": p.relative_to(root).as_posix(), "label": p.parent.name}
+              for p in sorted((root / "images").rglob("*.png"))]
+    manifest = root / name
+    manifest.write_text(json.dumps({"images": images}), encoding="utf-8")
+    return manifest
+
+
+def last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_acme_trains_from_a_json_manifest_its_hook_claims(installed: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """Items 1, 2 (observer), 5, 7, 8 in one run: ``--data m.json`` reaches the plugin that
+    claims ``.json``; ``--lr`` left out takes the optimizer's default_lr; the observer sees
+    documented metric types; a failing observer warns, naming the distribution; the model
+    records where each component came from."""
+    manifest = write_manifest(tmp_path / "data")
+    journal = tmp_path / "journal.jsonl"
+    store = tmp_path / "store"
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path, ACME_JOURNAL=str(journal),
+                   ACME_FAIL_SAVED="1")
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(manifest),
+              "--optimizer", "acme-sgd", "--classes", "2", "--name", "acme-m",
+              "--store", str(store), *TRAIN, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("tk: warning: plugin 'acme' (tk-plugin-acme 0.3.1) failed in tk_model_saved: "
+            "OSError: cannot upload acme-m: no network") in proc.stderr.splitlines()
+    meta = json.loads(tk("store", "show", "acme-m", "--json", "--store", str(store),
+                         env=env, cwd=tmp_path).stdout)
+    assert meta["training"]["dataset"] == "acme:acme-json"
+    assert meta["training"]["dataset_options"]["path"] == str(manifest.resolve())
+    assert meta["classes"] == ["cat", "dog"]
+    assert meta["training"]["lr"] == 0.05  # acme-sgd's default_lr
+    acme = {"plugin": "acme", "distribution": "tk-plugin-acme", "version": "0.3.1"}
+    assert {k: meta["components"]["backbone"][k] for k in (*acme, "name")} == {
+        **acme, "name": "acme:acme-tinycnn"}
+    assert meta["components"]["optimizer"]["name"] == "acme:acme-sgd"
+    assert meta["components"]["head"]["distribution"] == "tk-microtoolkit"
+
+    [event] = [json.loads(line) for line in journal.read_text().splitlines()]
+    from typing import get_type_hints
+
+    from toolkit.plugin.hookspecs import EpochMetrics
+
+    documented = {k: t.__name__ for k, t in get_type_hints(EpochMetrics).items()}
+    assert event["epoch"] == event["metrics"]["epoch"] == 1
+    assert set(event["metrics"]) == set(documented) - {"val_top5"}  # 2 classes: no top-5
+    assert event["types"] == {k: documented[k] for k in event["metrics"]}
+
+    # uninstalled: the model names the package to install and the version it was made with
+    gone = env_with(installed, home=tmp_path)
+    image = next((tmp_path / "data" / "images" / "cat").iterdir())
+    infer = tk("infer", str(image), "--model", "acme-m", "--store", str(store), env=gone,
+               cwd=tmp_path)
+    assert infer.returncode == 2 and len(infer.stderr.strip().splitlines()) == 1
+    assert infer.stderr.strip().endswith(
+        "its backbone 'acme:acme-tinycnn' comes from tk-plugin-acme, which is not installed: "
+        "pip install tk-plugin-acme (model made with 0.3.1)")
+    shown = tk("store", "show", "acme-m", "--store", str(store), env=gone, cwd=tmp_path)
+    [line] = [x for x in shown.stdout.splitlines() if x.startswith("components:")]
+    assert line.startswith("components:  backbone acme:acme-tinycnn from tk-plugin-acme 0.3.1 "
+                           "(not installed); head heads:linear from tk-microtoolkit ")
+
+
+def test_dataset_name_and_data_path_hand_the_path_to_that_dataset(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Item 1: ``--dataset NAME --data PATH`` gives PATH to NAME, whatever its extension
+    (the classes in the message come from the manifest itself)."""
+    listed = write_manifest(tmp_path / "data", "list.txt")
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--dataset", "acme-json", "--data",
+              str(listed), "--classes", "3", *TRAIN, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert last_line(proc) == "tk: error: --classes 3 but the data has 2 classes (cat, dog)"
+    nobody = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(listed), "--classes",
+                "2", *TRAIN, env=env, cwd=tmp_path)
+    assert nobody.returncode == 2 and "no loaded plugin reads a '.txt' file" in last_line(nobody)
+
+
+@pytest.mark.parametrize(("args", "raised", "where"), [
+    (["finetune", "--backbone", "boom-net", "--classes", "2", *TRAIN],
+     "ValueError: intentional bug in boom_net", "in boom_net (tk_acme/nets.py:"),
+    (["acme-hello", "--fail"], "KeyError: 'missing'", "in hello (tk_acme/plugin.py:"),
+    (["finetune", "--backbone", "acme-tinycnn", "--data", "{crash}", "--classes", "2", *TRAIN],
+     "RuntimeError: manifest sniffer crashed", "in tk_dataset_for_path("),
+], ids=["factory", "command", "hook"])
+def test_a_bug_in_plugin_code_names_the_plugin_and_its_distribution(
+        installed: dict[str, Path], tmp_path: Path, args: list[str], raised: str,
+        where: str) -> None:
+    """Item 2: a plain exception from a factory, a command or a hook is one line naming the
+    plugin, its distribution and version, exit 1 (a TkError from the same code is exit 2)."""
+    crash = tmp_path / "list.crash"
+    crash.write_text("{}", encoding="utf-8")
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk(*[a.format(crash=crash) for a in args], env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    line = last_line(proc)
+    assert line.startswith(f"tk: plugin error: plugin 'acme' (tk-plugin-acme 0.3.1) raised "
+                           f"{raised} {where}"), line
+    assert line.endswith("(a bug in the plugin, not in your input: report it to its authors; "
+                         "TK_DEBUG=1 shows the traceback)")
+    loud = tk(*[a.format(crash=crash) for a in args], env={**env, "TK_DEBUG": "1"},
+              cwd=tmp_path)
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert raised.split(":")[0] in loud.stderr and "PluginBugError" in loud.stderr
+
+
+def test_optimizer_default_lr_shows_in_tk_list(installed: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """Item 8: ``register(..., default_lr=...)`` is listed (the built-ins state theirs)."""
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    listing = tk("list", "optimizers", env=env, cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert rows["acme-sgd"].split(None, 2)[1:] == ["acme", "SGD with momentum [default lr 0.05]"]
+    assert rows["adamw"].endswith("[default lr 0.001] [default]")
+    as_json = json.loads(tk("list", "optimizers", "acme:*", "--json", env=env,
+                            cwd=tmp_path).stdout)
+    assert as_json == [{"name": "acme-sgd", "plugin": "acme", "default_lr": 0.05,
+                        "description": "SGD with momentum"}]
+
+
+def test_sloppy_plugin_keeps_its_good_hook_and_reports_the_others(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Items 3, 4, 10: a misspelt hook argument gets a did-you-mean; a hook-named function
+    without @hookimpl is reported (fatal under TK_STRICT_PLUGINS); the plugin's other hook
+    still works; an unknown name mentions the plugins with problems or load failures."""
+    env = env_with(installed, "tk-plugin-sloppy", "tk-broken-plugin", home=tmp_path)
+    shown = tk("plugins", env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.splitlines()
+    sloppy = text.index("sloppy 1.0.0  (tk-plugin-sloppy: tk_sloppy)")
+    assert text[sloppy + 1:sloppy + 4] == [
+        "    hooks: tk_register_losses",
+        "    problem: tk_register_backbones has no parameter 'registr' (did you mean "
+        "'register'?) (it takes register)",
+        "    problem: tk_register_heads is named like a hook but not marked with @hookimpl, "
+        "so it would never be called"]
+    losses = tk("list", "losses", "sloppy*", env=env, cwd=tmp_path)
+    assert losses.stdout.split()[:2] == ["sloppy-loss", "sloppy"]
+
+    unknown = tk("finetune", "--backbone", "sloppy-net", "--classes", "2", *TRAIN, env=env,
+                 cwd=tmp_path)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert last_line(unknown) == (
+        "tk: error: unknown backbone 'sloppy-net' (see `tk list backbones`); note: plugin "
+        "'broken' (tk-broken-plugin 0.0.1) failed to load (import: RuntimeError: "
+        "tk-broken-plugin always fails on import); plugin 'sloppy' (tk-plugin-sloppy 1.0.0) "
+        "has a problem: tk_register_backbones has no parameter 'registr' (did you mean "
+        "'register'?) (it takes register) (see `tk plugins`)")
+
+    strict = tk("plugins", env={**env_with(installed, "tk-plugin-sloppy", home=tmp_path),
+                                "TK_STRICT_PLUGINS": "1"}, cwd=tmp_path)
+    assert strict.returncode == 2 and strict.stderr.strip() == (
+        "tk: error: plugin 'sloppy': tk_register_backbones has no parameter 'registr' (did "
+        "you mean 'register'?) (it takes register) (TK_STRICT_PLUGINS=1)")
+
+
+def test_pretrained_weights_a_plugin_ships_are_not_claimed_as_a_download(
+        installed: dict[str, Path], tmp_path: Path) -> None:
+    """Item 9: the one resolver says what was tried; a plugin without a URL never claims a
+    download."""
+    env = env_with(installed, "tk-plugin-acme", home=tmp_path)
+    proc = tk("finetune", "--backbone", "acme-tinycnn", "--data", str(write_manifest(tmp_path)),
+              "--classes", "2", "--epochs", "1", "--device", "cpu", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    line = last_line(proc)
+    shipped = installed["tk-plugin-acme"] / "tk_acme" / "weights" / "acme-tinycnn.safetensors"
+    assert line == (
+        "tk: error: pretrained weights for 'acme:acme-tinycnn' (acme-tinycnn.safetensors) not "
+        f"found: tried the weights shipped with tk-plugin-acme {shipped}: not there; run "
+        "`tk store import-weights acme:acme-tinycnn FILE` (or pass --weights FILE, or "
+        "--no-pretrained for random weights)")
+    assert "download" not in line
+
+
+def test_a_plugin_that_hangs_on_import_does_not_hang_tk(tmp_path: Path) -> None:
+    """Issue 12 item 9: the import is given up after TK_PLUGIN_IMPORT_TIMEOUT seconds with
+    a line naming the plugin; ``tk --help`` and ``tk plugins`` finish (the subprocess
+    timeout turns a hang into a failure)."""
+    sleepy = write_module(tmp_path, "sleepy", "import time\ntime.sleep(600)\n")
+    env = isolated_env(tmp_path, {"TK_PLUGIN_IMPORT_TIMEOUT": "2", **NO_ENV})
+    help_ = subprocess.run([sys.executable, "-m", "toolkit", "--plugin", str(sleepy), "--help"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "finetune" in help_.stdout
+    assert help_.stderr.splitlines() == [
+        f"tk: warning: plugin 'sleepy' (--plugin {sleepy}) is still importing after 1 s (tk "
+        "gives up at 2 s: TK_PLUGIN_IMPORT_TIMEOUT; TK_DISABLE_PLUGINS=sleepy skips it)",
+        f"tk: warning: plugin 'sleepy' (--plugin {sleepy}) skipped: import of {sleepy} did not "
+        "finish within 2 s (TK_PLUGIN_IMPORT_TIMEOUT)"]
+    shown = subprocess.run([sys.executable, "-m", "toolkit", "--plugin", str(sleepy), "plugins",
+                            "--json"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)[0]["error"] == (
+        f"import: import of {sleepy} did not finish within 2 s (TK_PLUGIN_IMPORT_TIMEOUT)")
+    bad = subprocess.run([sys.executable, "-m", "toolkit", "plugins"],
+                         env={**env, "TK_PLUGIN_IMPORT_TIMEOUT": "soon"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "tk: error: TK_PLUGIN_IMPORT_TIMEOUT='soon': expected a number")
+
+
+def test_blame_finds_the_plugin_in_a_dataloader_worker_traceback(tmp_path: Path) -> None:
+    """A bug in a plugin's dataset comes back from a DataLoader worker process with the
+    worker's traceback as text; the plugin is still named, with the original message. An
+    exception from code outside every plugin is not blamed on one."""
+    path = write_module(tmp_path, "wobbly", textwrap.dedent("""
+        from torch.utils.data import Dataset
+
+        class Wobbly(Dataset):
+            def __len__(self):
+                return 2
+
+            def __getitem__(self, i):
+                raise ValueError(f"sample {i} is wobbly")
+        """))
+    plugins = load_plugins([str(path)], env=LIGHT)
+    from torch.utils.data import DataLoader
+
+    dataset = plugins.records["wobbly"].obj.Wobbly()
+    for workers in (0, 1):
+        with pytest.raises(ValueError) as err:
+            list(DataLoader(dataset, num_workers=workers))
+        bug = plugins.blame(err.value)
+        assert bug is not None and bug.__cause__ is err.value
+        assert str(bug).startswith(f"plugin 'wobbly' (--plugin {path}) raised ValueError: "
+                                   "sample 0 is wobbly in __getitem__ (wobbly.py:9) "), workers
+    try:
+        _ = 1 / 0
+    except ZeroDivisionError as exc:
+        assert plugins.blame(exc) is None
+
+
+def test_component_versions_are_compared_with_the_installed_ones() -> None:
+    """``tk store show``'s description of a recorded component against what is installed
+    (tk's own distribution stands in for a plugin's)."""
+    from toolkit import __version__
+    from toolkit.plugin.provenance import describe, rebuild_hint
+
+    same = {"name": "heads:linear", "plugin": "heads", "distribution": "tk-microtoolkit",
+            "version": __version__}
+    assert describe(same) == f"heads:linear from tk-microtoolkit {__version__}"
+    older = {**same, "version": "0.0.1"}
+    assert describe(older) == f"heads:linear from tk-microtoolkit 0.0.1 (installed: {__version__})"
+    assert rebuild_hint({"components": {"head": older}}) == (
+        f"its head 'heads:linear' was made with tk-microtoolkit 0.0.1, {__version__} is installed")
+    loose = {"name": "mine:net", "plugin": "mine", "distribution": None, "version": None}
+    assert rebuild_hint({"components": {"backbone": loose}}) == (
+        "its backbone 'mine:net' came from plugin 'mine', which was not an installed package: "
+        "load it again with --plugin")
+    assert rebuild_hint({}) == "" and rebuild_hint({"components": "junk"}) == ""
 
 
 # -- meta: the hooks, their tests and their documentation stay in step -----------------------

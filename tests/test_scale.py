@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+# the venv's torchrun script, else the same launcher as a module (a venv may lack the script)
+_SCRIPT = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+TORCHRUN = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "torch.distributed.run"]
 # fully frozen (BatchNorm statistics fixed), no augmentation, no dropout: one process with
 # batch 16 and two with 8 each see the same global batches, so they must agree closely.
 COMPARABLE = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
@@ -37,7 +40,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.C
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
+    return run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
 
 
 def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_path: Path):
@@ -61,6 +64,20 @@ def test_torchrun_two_processes_match_single_process(env: dict[str, str], tmp_pa
     assert ddp.stderr.count("saved model") == 1  # rank 0 alone logs and saves
 
 
+def test_torchrun_gradual_unfreezing_rewraps_ddp(env: dict[str, str], tmp_path: Path):
+    """When a layer group thaws the trainable set changes and DDP is rewrapped (around
+    the same, possibly compiled, module); both ranks go on in step and rank 0 saves."""
+    ddp = torchrun(["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
+                    "--no-pretrained", "--freeze", "1", "--unfreeze-at", "2", "-q",
+                    "--opt", "dataset.samples=60", "--opt", "dataset.image_size=32",
+                    "--batch-size", "8", "--name", "thaw", "--json"], env)
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stderr.count("unfroze backbone layer groups 1..1") == 1  # rank 0 logs
+    history = json.loads(ddp.stdout.strip().splitlines()[-1])["history"]
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert (tmp_path / "store" / "models" / "thaw.safetensors").exists()
+
+
 def test_a_failing_rank_ends_the_job(env: dict[str, str]):
     args = ["--plugin", KILLER, "finetune", "--backbone", "tiny-cnn", "--classes", "3",
             "--epochs", "3", "--no-pretrained", "--opt", "dataset.samples=60",
@@ -82,8 +99,13 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
             "--opt", "dataset.samples=150", "--opt", "dataset.image_size=32", "--json",
             "--lr", "0.05"]
     tk = [sys.executable, "-m", "toolkit"]
+    cache_dir = tmp_path / "store" / "cache" / "features"
+    cache_dir.mkdir(parents=True)
+    stale = cache_dir / ".tk-tmp-999999-dead-x.safetensors"  # a killed writer's
+    stale.write_bytes(b"partial")
     first = run([*tk, *base, "--name", "c1"], env)
     assert "feature cache: computed" in first.stderr
+    assert not stale.exists()  # gone with the next successful write
     cached = _epochs(first)
     second = run([*tk, *base, "--name", "c2"], env)
     assert "feature cache: using" in second.stderr
@@ -101,26 +123,34 @@ def test_feature_cache_used_reused_invalidated_and_as_accurate(env: dict[str, st
     assert len(files) == 1
 
 
-def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path, monkeypatch):
-    """A disk that refuses the cache (full, size limit) is not fatal and leaves no temp."""
+WRITE_CACHE = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    import torch
+    from toolkit.train import features
+    cache = Path(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # writes past 4 KB fail
+    tensors = {"train_x": torch.zeros(64, 64), "train_y": torch.zeros(64, dtype=torch.long)}
+    print(features._write(cache / "k.safetensors", tensors, cache, "slot", "k"))
+""")
+
+
+def test_feature_cache_write_failure_keeps_features_in_memory(tmp_path: Path):
+    """A disk that refuses the cache (a real file-size limit: 16 KB of features past 4 KB)
+    is not fatal, and the atomic writer leaves no temp file; a folder in the way neither."""
+    cache = tmp_path / "cache"
+    proc = run([sys.executable, "-c", WRITE_CACHE, str(cache)],
+               {**os.environ, "PYTHONPATH": str(HERE.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert list(cache.iterdir()) == []  # neither the entry nor a temp file
     import torch
 
     from toolkit.train import features
 
-    class SafetensorError(Exception):  # what safetensors raises on a failed write
-        pass
-
-    def refuse(tensors, path):
-        Path(path).write_bytes(b"partial")
-        raise SafetensorError("Error while serializing: IoError(File too large (os error 27))")
-
-    monkeypatch.setattr(features, "save_file", refuse)
-    cache = tmp_path / "cache"
-    tensors = {"train_x": torch.zeros(2, 3)}
-    assert features._write(cache / "k.safetensors", tensors, cache, "slot", "k") is False
-    assert list(cache.iterdir()) == []
     blocked = tmp_path / "file"
     blocked.write_text("x")
+    tensors = {"train_x": torch.zeros(2, 3)}
     assert features._write(blocked / "k.safetensors", tensors, blocked / "c", "s", "k") is False
 
 

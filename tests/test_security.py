@@ -3,7 +3,8 @@
 - A source scan (AST) of toolkit/, plugins/ and model_store/: no unpickling API, every
   ``torch.load`` with ``weights_only=True``, no ``eval`` / ``exec`` / ``__import__``, no
   weight loader that unpickles behind the scenes, module imports by name only in the plugin
-  manager (for modules the user names on the command line or in ``TK_PLUGINS``).
+  loader (``toolkit/plugin/importing.py``, for modules the user names on the command line or
+  in ``TK_PLUGINS``).
 - Stored models whose metadata names ``os:system``, ``builtins:eval`` or carries
   ``__import__(...)`` strings: `tk infer` / `tk eval` fail cleanly with an unknown-name
   error, `tk store show` prints the strings as data, nothing runs.
@@ -40,7 +41,7 @@ UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "sh
 # harmless names of the pickle module: exception classes (to catch them), nothing that loads
 PICKLE_HARMLESS = {"UnpicklingError", "PicklingError", "PickleError"}
 FORBIDDEN_BUILTINS = {"eval", "exec", "__import__"}
-IMPORT_BY_NAME_ALLOWED = {"toolkit/plugin/manager.py"}
+IMPORT_BY_NAME_ALLOWED = {"toolkit/plugin/importing.py"}  # plugin modules the user names
 
 
 def _sources() -> list[Path]:

@@ -63,8 +63,15 @@ def test_fresh_plugins_is_strict_by_default(tmp_path: Path) -> None:
         def tk_register_losses(register):
             raise RuntimeError("bad table")
         """))
-    with pytest.raises(PluginError, match="plugin 'fails_in_hook' failed to register losses"):
+    with pytest.raises(PluginError, match="plugin 'fails_in_hook': tk_register_losses raised "
+                                          "RuntimeError: bad table"):
         fresh_plugins(str(late), builtins=False).registry("losses")
+
+    unmarked = tmp_path / "forgot_hookimpl.py"
+    unmarked.write_text("def tk_register_heads(register):\n    register('h', print)\n")
+    with pytest.raises(PluginError, match="tk_register_heads is named like a hook but not "
+                                          "marked with @hookimpl"):
+        fresh_plugins(str(unmarked), builtins=False)
 
 
 @pytest.mark.parametrize(("fmt", "expected"), [("png", {"PNG"}), ("jpeg", {"JPEG"}),

@@ -214,8 +214,9 @@ ROWS = [
     # -- a bug (not a user error): one line too, exit 1 ------------------------------------
     Row("plugin-bug", ["--plugin", "{buggy}", "finetune", "--backbone", "buggy-net",
                        "--classes", "3", "--no-pretrained", "-q", *SMALL],
-        "tk: internal error: ZeroDivisionError: division by zero (run with TK_DEBUG=1 "
-        "for the traceback)", code=1),
+        "tk: plugin error: plugin 'buggy' (--plugin {buggy}) raised ZeroDivisionError: "
+        "division by zero in broken (buggy.py:6) (a bug in the plugin, not in your input: "
+        "report it to its authors; TK_DEBUG=1 shows the traceback)", code=1),
 ]
 
 
@@ -316,7 +317,7 @@ def test_user_error_is_one_line(row: Row, results, world):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == row.code, proc.stderr
     assert len(lines) == 1, proc.stderr
-    prefix = "tk: internal error: " if row.code == 1 else "tk: error: "
+    prefix = "tk: plugin error: " if row.id == "plugin-bug" else "tk: error: "
     assert lines[0].startswith(prefix), lines[0]
     assert row.expect.format(**names) in lines[0]
 

@@ -1,4 +1,4 @@
-"""torchrun integration: process group set-up, sharding without padding, metric reduction."""
+"""torchrun integration: process group set-up, DDP wrapping, sharding, metric reduction."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def init(info: DistInfo, device: torch.device) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ddp(module: torch.nn.Module, device: torch.device, *, find_unused: bool
+        ) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel for ``device`` (the one place tk
+    wraps). ``find_unused``: the trainable set may change between epochs (gradual
+    unfreezing)."""
+    kwargs: dict[str, Any] = {"find_unused_parameters": find_unused}
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index]
+    return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

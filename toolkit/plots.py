@@ -57,11 +57,13 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path,
 
 
 def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Render to memory, then write atomically through the store's writer."""
+    """Render to memory, then write atomically through the store's writer (a killed
+    writer's temp file goes with the next successful write)."""
     import io
 
-    from model_store.atomic import atomic_write
+    from model_store.atomic import atomic_write, clean_stale_temps
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write(path, [buf.getvalue()], "plot")
+    clean_stale_temps(path.parent)

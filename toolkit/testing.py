@@ -59,8 +59,9 @@ def fresh_plugins(*plugins: Any, builtins: bool = True, strict: bool = True) -> 
     - a string: a module to import (``"my_plugin.plugin"``) or a path to a ``.py`` file,
       exactly like ``tk --plugin``.
 
-    With ``strict=True`` (the default) a plugin that fails to import, to register with
-    pluggy (a misspelt hook argument) or later inside a registration hook raises
+    With ``strict=True`` (the default) a plugin that fails to import, has a hook that does
+    not fit the contract (a misspelt hook or argument name, a hook-named function without
+    ``@hookimpl``) or fails inside a registration hook raises
     :class:`toolkit.errors.PluginError` instead of being recorded, so tests see it.
     """
     if builtins:

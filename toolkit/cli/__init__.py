@@ -12,25 +12,27 @@ from typing import Any
 import click
 
 from toolkit import __version__, env
-from toolkit.errors import TkError
+from toolkit.errors import TkError, format_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class State:
-    """Per-invocation state shared by commands: the loaded plugins."""
+    """Per-invocation state shared by commands: the ``--plugin`` modules and the plugins,
+    loaded on first use (built-in commands that need none never import a plugin).
+    :func:`main` makes one and hands it to click as the root context's ``obj``."""
 
     def __init__(self, plugin_modules: tuple[str, ...] = ()):
         self.plugin_modules = plugin_modules
-        self._plugins: Any = None
+        self.loaded: Any = None  # the toolkit.plugin.manager.Plugins, once loaded
 
     @property
     def plugins(self) -> Any:
-        if self._plugins is None:
+        if self.loaded is None:
             from toolkit.plugin.manager import load_plugins
 
-            self._plugins = load_plugins(self.plugin_modules)
-        return self._plugins
+            self.loaded = load_plugins(self.plugin_modules)
+        return self.loaded
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -51,18 +53,13 @@ def cli(ctx: click.Context, plugin_modules: tuple[str, ...]) -> None:
       tk finetune --backbone alexnet --classes 5     # embedded shapes dataset
       tk infer images/                               # newest model in the store
     """
-    state = _PRELOADED.get("state")
-    if state is None or state.plugin_modules != plugin_modules:
-        state = State(plugin_modules)
-    ctx.obj = state
+    if not isinstance(ctx.obj, State) or ctx.obj.plugin_modules != plugin_modules:
+        ctx.obj = State(plugin_modules)  # called without main() (click's test runner)
 
 
 def get_state(ctx: click.Context | None = None) -> State:
     ctx = ctx or click.get_current_context()
     return ctx.find_root().obj
-
-
-_PRELOADED: dict[str, State] = {}
 
 
 def _plugin_args(argv: list[str]) -> tuple[str, ...]:
@@ -98,58 +95,44 @@ def main(argv: list[str] | None = None) -> None:
     from toolkit.cli import commands  # noqa: F401  (registers the built-in commands)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = env.flag_quietly("TK_DEBUG")
+    state = State(_plugin_args(argv))
     try:
         if _wants_plugin_commands(argv):
-            state = State(_plugin_args(argv))
-            _PRELOADED["state"] = state
             state.plugins.add_commands(cli)
-        rv = cli.main(args=argv, prog_name="tk", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="tk", standalone_mode=False, obj=state)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except _NO_ARGS_IS_HELP as exc:  # `tk` or `tk store` alone: the help text
         exc.show()
         code = exc.exit_code
-    except click.UsageError as exc:  # one line, not click's usage block
-        where = exc.ctx.command_path if exc.ctx is not None else "tk"
-        click.echo(f"tk: error: {_one_line_text(exc.format_message())} "
-                   f"(see `{where} --help`)", err=True)
-        code = exc.exit_code
-    except click.ClickException as exc:
-        click.echo(f"tk: error: {_one_line_text(exc.format_message())}", err=True)
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("tk: aborted", err=True)
+    except click.ClickException as exc:  # one line, not click's usage block
+        where = ((exc.ctx.command_path if exc.ctx else "tk")
+                 if isinstance(exc, click.UsageError) else "")
+        error = TkError(exc.format_message() + (f" (see `{where} --help`)" if where else ""))
+        error.exit_code = exc.exit_code
+        code = _report(error, state)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        click.echo("tk: aborted" if isinstance(exc, click.exceptions.Abort)
+                   else "tk: interrupted", err=True)
         code = 130
-    except KeyboardInterrupt:
-        click.echo("tk: interrupted", err=True)
-        code = 130
-    except TkError as exc:
-        if debug:
-            raise
-        click.echo(f"tk: error: {_one_line(exc)}", err=True)
-        code = exc.exit_code
     except BrokenPipeError:
         code = 141
-    except Exception as exc:  # a bug, not a user error
-        if debug:
-            raise
-        click.echo(
-            f"tk: internal error: {type(exc).__name__}: {_one_line(exc)} "
-            "(run with TK_DEBUG=1 for the traceback)",
-            err=True,
-        )
-        code = 1
+    except Exception as exc:  # a user error, a plugin's bug or tk's own
+        code = _report(exc, state)
     sys.exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
-    return _one_line_text(str(exc)) or type(exc).__name__
-
-
-def _one_line_text(text: str) -> str:
-    return " ".join(text.split())
+def _report(exc: Exception, state: State) -> int:
+    """Print ``exc`` as one line (:func:`toolkit.errors.format_error`), blaming the plugin
+    whose code raised it when it is not a TkError; ``TK_DEBUG=1`` re-raises instead."""
+    if not isinstance(exc, TkError) and state.loaded is not None:
+        exc = state.loaded.blame(exc) or exc
+    if env.flag_quietly("TK_DEBUG"):
+        raise exc  # a PluginBugError carries the plugin's exception as its __cause__
+    line, code = format_error(exc)
+    click.echo(line, err=True)
+    return code
 
 
 # click >= 8.2 raises this (a UsageError) for a group called without a command

@@ -1,4 +1,5 @@
-"""`tk finetune`: options -> ``FinetuneArgs`` -> :func:`toolkit.train.finetune.finetune`."""
+"""`tk finetune`: click collects the options, :func:`toolkit.train.config.finetune_args`
+merges them with ``--config`` and ``--opt``, :func:`toolkit.train.finetune.finetune` runs."""
 
 from __future__ import annotations
 
@@ -8,16 +9,6 @@ from typing import Any
 import click
 
 from toolkit.cli import cli, get_state
-from toolkit.errors import TkError
-
-# CLI option name -> FinetuneArgs field; a --config file may set the same fields
-_FIELDS = (
-    "backbone", "classes", "data", "val_data", "dataset", "head", "loss", "optimizer", "epochs",
-    "batch_size", "lr", "weight_decay", "freeze", "unfreeze_at", "backbone_lr_scale",
-    "pretrained", "weights", "device", "precision", "channels_last", "compile", "image_size",
-    "val_split", "workers", "seed", "patience", "warmup_epochs", "augment", "cache_features",
-    "name", "store", "resume", "overwrite", "quiet",
-)
 
 
 def _freeze_value(value: str) -> str:
@@ -38,7 +29,8 @@ def _freeze_value(value: str) -> str:
 @click.option("--optimizer", help="Optimizer name [adamw].")
 @click.option("--epochs", type=int, help="Epochs [5].")
 @click.option("--batch-size", type=int, help="Batch size per process [32].")
-@click.option("--lr", type=float, help="Peak learning rate of the head [1e-3].")
+@click.option("--lr", type=float,
+              help="Peak learning rate of the head [the optimizer's default_lr, else 1e-3].")
 @click.option("--weight-decay", type=float, help="Weight decay (not on norms/biases) [0.05].")
 @click.option("--freeze", callback=lambda c, p, v: v and _freeze_value(v),
               help="all | none | N first layer groups frozen [none].")
@@ -56,7 +48,7 @@ def _freeze_value(value: str) -> str:
 @click.option("--image-size", type=int, help="Input size (default: the data's or the weights').")
 @click.option("--val-split", type=float, help="Validation fraction, stratified [0.2].")
 @click.option("--workers", type=int, help="DataLoader worker processes [0].")
-@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--seed", type=int, help="Random seed, 0 .. 2**32-1 [0].")
 @click.option("--patience", type=int, help="Early stopping after N epochs without gain.")
 @click.option("--warmup-epochs", type=float, help="LR warm-up epochs before cosine decay [1].")
 @click.option("--augment/--no-augment", default=None, help="Train-time augmentation [on].")
@@ -64,7 +56,8 @@ def _freeze_value(value: str) -> str:
               help="Cache frozen-backbone features [auto: --freeze all and --no-augment].")
 @click.option("--name", help="Model name in the store [backbone-dataset-time].")
 @click.option("--store", type=click.Path(), help="Model store directory [$TK_HOME].")
-@click.option("--config", "config_file", type=click.Path(), help="TOML file of these options.")
+@click.option("--config", "config_file", type=click.Path(),
+              help="TOML file of these options (the command line wins).")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a model of that name.")
 @click.option("--opt", "opts", multiple=True, metavar="COMPONENT.KEY=VALUE",
@@ -74,33 +67,10 @@ def _freeze_value(value: str) -> str:
 def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bool,
                      **given: Any) -> None:
     """Fine-tune a pretrained backbone with a new head and save it to the model store."""
-    from toolkit.train.config import COMPONENTS, load_config, parse_opts
-    from toolkit.train.finetune import FinetuneArgs, finetune
+    from toolkit.train.config import finetune_args
+    from toolkit.train.finetune import finetune
 
-    values: dict[str, Any] = {}
-    options: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
-    if config_file:
-        config = load_config(config_file)
-        for c, o in config.pop("options").items():
-            options[c].update(o)
-        unknown = sorted(set(config) - set(_FIELDS))
-        if unknown:
-            raise TkError(f"--config {config_file}: unknown option(s) {', '.join(unknown)}")
-        params = {p.name: p for p in click.get_current_context().command.params}
-        for key, value in config.items():
-            try:
-                values[key] = params[key].type_cast_value(click.get_current_context(), value)
-            except (click.BadParameter, TypeError, ValueError) as exc:
-                raise TkError(f"--config {config_file}: {key} = {value!r}: {exc}") from None
-    values.update({k: v for k, v in given.items() if v is not None})
-    for c, o in parse_opts(opts).items():
-        options[c].update(o)
-    if not values.get("backbone"):
-        raise TkError("--backbone is required (see `tk list backbones`)")
-    try:
-        args = FinetuneArgs(**values, options=options)
-    except TypeError as exc:
-        raise TkError(f"bad option: {exc}") from None
+    args = finetune_args(given, opts=opts, config=config_file)
     result = finetune(args, get_state().plugins)
     if result is not None and as_json:
         click.echo(json.dumps({"name": result.name, "path": str(result.model_path),

@@ -14,7 +14,8 @@ from toolkit.plugin.registry import KINDS
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
 def plugins_command(as_json: bool, show_all: bool) -> None:
-    """List installed plugins: name, version, hooks and any load error."""
+    """List installed plugins: name, version, hooks, load error and problems (hooks left
+    out, functions named like hooks without @hookimpl)."""
     plugins = get_state().plugins
     plugins.check(cli)  # run the plugins' registration hooks so their errors show too
     records = [r for r in plugins.records.values() if show_all or not r.builtin]
@@ -32,6 +33,8 @@ def plugins_command(as_json: bool, show_all: bool) -> None:
             click.echo(f"    hooks: {', '.join(r.hooks)}")
         if r.error:
             click.echo(f"    error: {r.error}")
+        for problem in r.problems:
+            click.echo(f"    problem: {problem}")
 
 
 @cli.command("list")
@@ -50,8 +53,12 @@ def list_command(kind: str, pattern: str | None, as_json: bool) -> None:
             + " or ".join(f"'{o}:{name}'" for o in owners),
             err=True,
         )
-    for record in plugins.errors():
-        click.echo(f"tk: warning: plugin '{record.name}' not loaded: {record.error}", err=True)
+    for record in plugins.records.values():
+        if record.error:
+            click.echo(f"tk: warning: plugin '{record.name}' not loaded: {record.error}",
+                       err=True)
+        for problem in record.problems:
+            click.echo(f"tk: warning: plugin '{record.name}': {problem}", err=True)
     components = registry.list(pattern)
     if as_json:
         click.echo(json.dumps([c.describe() for c in components], indent=2, default=str))
@@ -63,4 +70,8 @@ def list_command(kind: str, pattern: str | None, as_json: bool) -> None:
     width = max(len(c.name) for c in components)
     for c in components:
         desc = c.info.get("description", "")
+        if c.default_lr is not None:
+            desc = f"{desc} [default lr {c.default_lr:g}]".strip()
+        if c.info.get("default"):
+            desc = f"{desc} [default]".strip()
         click.echo(f"{c.name:<{width}}  {c.owner:<12} {desc}".rstrip())

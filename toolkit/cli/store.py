@@ -1,9 +1,7 @@
 """`tk store ...`: list, show, remove and verify stored models; import pretrained weights.
 
-Other commands that touch the store reuse :func:`store_option` and :func:`open_store`::
-
-    @store_option
-    def finetune(..., store_dir): store = open_store(store_dir)
+Other commands that touch the store reuse :func:`store_option` (adds ``--store DIR``, passed
+as ``store_dir``) and :func:`open_store` (the :class:`~model_store.ModelStore` there).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import click
 
 from toolkit.cli import cli, get_state
 from toolkit.model.weights import import_weights
+from toolkit.plugin.provenance import summary_lines
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -77,7 +76,8 @@ def list_command(store_dir: Path | None, as_json: bool, with_weights: bool) -> N
         elif not weights:
             click.echo(f"no imported weights in {store.root}", err=True)
         for w in [] if as_json else weights:
-            click.echo(f"{w['backbone']}  {_size(w['size_bytes'])}  {w['path']}")
+            click.echo(f"{w['backbone']}  {_size(w['size_bytes'])}  {w['path']}"
+                   f"{'  (format 1)' if w['blob'] is None else ''}")
         return
     infos = store.list()
     for bad in store.damaged():
@@ -91,14 +91,18 @@ def list_command(store_dir: Path | None, as_json: bool, with_weights: bool) -> N
     rows = [("NAME", "CREATED", "BACKBONE", "CLASSES", "SIZE", "METRICS")]
     for i in infos:
         size = _size(i.size_bytes)
-        if i.base_ref:
-            size += f" (+{_size(i.base_size_bytes)} shared base {i.base_ref[:8]})"
+        if i.blobs:
+            size += f" (+{_size(i.shared_bytes)} shared)"
         rows.append((i.name, i.created[:19].replace("T", " "), i.backbone,
                      str(len(i.classes)), size, _metrics(i.metrics)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
         cells = [v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)]
         click.echo("  ".join([*cells, r[-1]]).rstrip())
+    use = store.usage()
+    click.echo(f"{len(infos)} model(s); on disk {_size(use['total'])}: model files "
+               f"{_size(use['models'])}, shared blobs {_size(use['blobs'])}, imported-weights "
+               f"pointers {_size(use['weights'])}, other {_size(use['other'])}", err=True)
 
 
 @store_group.command("show")
@@ -123,14 +127,16 @@ def show_command(name: str, store_dir: Path | None, as_json: bool) -> None:
         ("input", "x".join(str(x) for x in data["data_config"]["input_size"])),
         ("metrics", _metrics({k: v for k, v in data["metrics"].items()
                               if isinstance(v, (int, float))}) or "-"),
+        *summary_lines(data),  # the plugin distribution and version of each component
         ("weights", _opts(data["weights"]) or "-"),
         ("training", _opts(data["training"]) or "-"),
-        ("file", f"{f['path']} ({_size(f['size_bytes'])}, sha256 {f['sha256']})"),
+        ("file", f"{f['path']} ({_size(f['size_bytes'])}, sha256 {f['sha256']})"
+                 + (f", a link to {f['link_to']}" if f.get("link_to") else "")),
     ]
-    if data.get("base"):
-        present = "" if f.get("base_present") else " MISSING"
-        lines.append(("shared base", f"{f['base_path']} ({_size(f['base_size_bytes'])})"
-                      f"{present}"))
+    for blob in f["blobs"]:
+        present = "" if blob["present"] else " MISSING"
+        lines.append(("shared", f"{_size(blob['used_bytes'])} in {blob['tensors']} tensor(s) "
+                      f"of {blob['path']} ({_size(blob['size_bytes'])}){present}"))
     for key, value in lines:
         click.echo(f"{key + ':':<13}{value.rstrip()}")
 
@@ -146,9 +152,10 @@ def _opts(d: Any) -> str:
 @click.argument("name")
 @store_option
 def rm_command(name: str, store_dir: Path | None) -> None:
-    """Remove model NAME (and shared base weights no other model uses)."""
-    freed = open_store(store_dir).remove(name)
-    click.echo(f"removed {name} ({_size(freed)} freed)", err=True)
+    """Remove model NAME (and shared weights nothing else uses)."""
+    done = open_store(store_dir).remove(name)
+    kept = f"; {done.kept}" if done.kept else ""
+    click.echo(f"removed {name} ({_size(done.freed_bytes)} freed{kept})", err=True)
 
 
 @store_group.command("verify")
@@ -183,6 +190,9 @@ def import_weights_command(backbone: str, file: Path, store_dir: Path | None) ->
     """Store pretrained weights FILE (.safetensors, or .pth read without pickle) for
     BACKBONE, so that `tk finetune` finds them offline."""
     qualified = get_state().plugins.registry("backbones").resolve(backbone).qualified_name
-    path = import_weights(open_store(store_dir), qualified, file)
+    store = open_store(store_dir)
+    path = import_weights(store, qualified, file)
     click.echo(str(path))
-    click.echo(f"imported weights for {qualified}", err=True)
+    info = store.weights_info(qualified) or {}
+    click.echo(f"imported weights for {qualified} ({info.get('tensors', '?')} tensors, "
+               f"{_size(path.stat().st_size)})", err=True)

@@ -77,13 +77,14 @@ def call_factory(kind: str, name: str, factory: Any, *args: Any, options: dict[s
     ``kwargs`` (or already bound into ``factory``). A factory that rejects them (TypeError,
     or ValueError / RuntimeError from a bad value such as ``--opt head.dropout=abc``)
     becomes one :class:`TkError` line naming the component and the options; without user
-    options such an exception is a plugin bug and propagates."""
+    options any exception is the plugin's bug and propagates (the CLI names the plugin:
+    :mod:`toolkit.plugin.blame`)."""
     try:
         return factory(*args, **kwargs)
     except TkError:
         raise
     except (TypeError, ValueError, RuntimeError) as exc:
-        if not options and not isinstance(exc, TypeError):
+        if not options:
             raise
         given = ", ".join(f"{k if str(k).isidentifier() else repr(k)}={v!r}"
                           for k, v in options.items())

@@ -19,6 +19,7 @@ from model_store import ModelStore
 from toolkit.errors import StoreError, TkError
 from toolkit.model.assemble import ModelSpec, build_classifier
 from toolkit.model.backbone import DataConfig
+from toolkit.plugin.provenance import rebuild_hint
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +65,9 @@ def load_model(name: str, store: ModelStore | str | os.PathLike[str] | None = No
     try:
         model, _backbone = build_classifier(plugins, spec, pretrained=False)
     except TkError as exc:
-        raise StoreError(f"cannot rebuild model '{name}': {exc}") from exc
+        hint = rebuild_hint(meta)
+        raise StoreError(f"cannot rebuild model '{name}': {exc}"
+                         + (f"; {hint}" if hint else "")) from exc
     _load_strict(model, tensors, name, spec)
     try:
         model = model.to(device)

@@ -1,25 +1,115 @@
-"""Weight files: hash them, read them without pickle, load them into a module with clear errors.
+"""Weight files: find pretrained ones, hash them, read them without pickle, load them into a
+module with clear errors.
 
 Knows no concrete model. Backbone plugins use these so that every damaged, foreign or
 mismatched weight file ends in one :class:`~toolkit.errors.TkError` line instead of a
-pickle or torch traceback.
+pickle or torch traceback, and so that "where do the pretrained weights come from" is
+answered in one place: :func:`resolve_pretrained` tries a plugin's ordered
+:class:`WeightsSource` list (files it ships, framework caches, downloads) and says exactly
+what it tried when none works.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_store.fileformat import sha256_file
-from toolkit.errors import StoreError, TkError
+from toolkit.errors import StoreError, TkError, WeightsNotFoundError, one_line
+from toolkit.model.backbone import WeightsInfo
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an offline machine fails fast
+
+
+class SourceSkipped(Exception):  # noqa: N818 - a reason, not an error
+    """Raised by a :class:`WeightsSource` that does not apply now (``HF_HUB_OFFLINE=1``,
+    no network): the message says why, :func:`resolve_pretrained` goes on."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """One place pretrained weights may come from, tried in order by
+    :func:`resolve_pretrained`.
+
+    ``source``: the :class:`~toolkit.model.backbone.WeightsInfo` word recorded when the
+    weights come from here (``"package"``, ``"cache"``, ``"download"``, ``"file"``...).
+    ``where``: how messages name the place (``"the torch hub cache /x/resnet18-….pth"``).
+    ``find``: returns the local file, or None when it is not there; raises
+    :class:`SourceSkipped` when the source does not apply, anything else when it failed
+    (a download that broke off). ``url``: recorded as ``WeightsInfo.url``.
+    """
+
+    source: str
+    where: str
+    find: Callable[[], str | os.PathLike[str] | None]
+    url: str | None = None
+
+
+def local_file(source: str, path: str | os.PathLike[str], where: str = "") -> WeightsSource:
+    """A file that is either there or not: weights shipped in a package (``"package"``), a
+    framework cache (``"cache"``)."""
+    p = Path(path)
+    return WeightsSource(source, where or str(p), lambda: p if p.is_file() else None)
+
+
+def download(url: str, into: str | os.PathLike[str], *, hash_prefix: str | None = None,
+             where: str = "") -> WeightsSource:
+    """A download of ``url`` into the file ``into`` (torch.hub's downloader: a temporary
+    file renamed when complete, checked against ``hash_prefix``), with a short socket
+    timeout."""
+    target = Path(into)
+
+    def fetch() -> Path:
+        import torch
+
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=hash_prefix,
+                                           progress=False)
+        finally:
+            socket.setdefaulttimeout(previous)
+        return target
+
+    return WeightsSource("download", where or f"a download from {url}", fetch, url)
+
+
+def resolve_pretrained(backbone: str, sources: Sequence[WeightsSource], *,
+                       filename: str | None = None, url: str | None = None,
+                       tag: str | None = None) -> tuple[Path, WeightsInfo]:
+    """The first of ``sources`` that yields a file: its path and a
+    :class:`~toolkit.model.backbone.WeightsInfo` (source word, the file's sha256, path,
+    URL, ``tag``). None does: :class:`~toolkit.errors.WeightsNotFoundError` listing what
+    was tried and how each ended; ``filename`` / ``url`` tell the user what to fetch by
+    hand (no ``url``: nothing to download, the message claims none)."""
+    tried = []
+    for src in sources:
+        try:
+            found = src.find()
+        except SourceSkipped as exc:
+            tried.append(f"{src.where}: skipped ({one_line(exc)})")
+            continue
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, in one line
+            tried.append(f"{src.where}: failed ({one_line(exc, 160)})")
+            continue
+        if found is None or not Path(found).is_file():
+            tried.append(f"{src.where}: not there")
+            continue
+        path = Path(found)
+        return path, WeightsInfo(src.source, sha256=sha256_file(path), file=str(path),
+                                 url=src.url or url, tag=tag)
+    raise WeightsNotFoundError(backbone, filename, url, tried=tried)
 
 # keys under which training scripts commonly nest the actual state dict
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
@@ -36,11 +126,6 @@ def _looks_like_safetensors(path: Path) -> bool:
     if len(head) < 9 or head[8:9] != b"{":
         return False
     return 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -65,7 +150,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(p), device="cpu")
         except Exception as exc:
             raise TkError(f"cannot read weights file {p}: not a valid safetensors file "
-                          f"({_one_line(exc)})") from None
+                          f"({one_line(exc, 200)})") from None
     else:
         try:
             with warnings.catch_warnings():  # torch's notes about pickle protocols
@@ -77,7 +162,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             if "Weights only load failed" in msg and found:
                 raise PickledObjectError(p, found.group(1) if found else None) from None
             raise TkError(f"cannot read weights file {p}: not a PyTorch or safetensors "
-                          f"weights file, or it is damaged ({_one_line(exc, 120)})") from None
+                          f"weights file, or it is damaged ({one_line(exc, 120)})") from None
     return _unwrap(obj, p)
 
 
@@ -164,7 +249,7 @@ def load_into(
         module.load_state_dict(sd, strict=True)
     except Exception as exc:  # dtype conversions that cannot happen, etc.
         label = f" {what}" if what else ""
-        raise TkError(f"cannot load weights{label}: {_one_line(exc)}") from None
+        raise TkError(f"cannot load weights{label}: {one_line(exc, 200)}") from None
 
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")

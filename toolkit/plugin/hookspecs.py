@@ -1,24 +1,15 @@
-"""The plugin contract of tk.
+"""The plugin contract of tk: every hook, typed, each parameter documented.
 
-A plugin is any module (or object) with functions named after these hooks and marked with
-``toolkit.plugin.hookspecs.hookimpl``. Built-in plugins and third-party packages load the
-same way: through the entry-point group ``tk`` (or ``--plugin MODULE`` / ``TK_PLUGINS``).
-
-Registration hooks receive a ``register`` callback owned by the core::
-
-    register(name, factory, **info)
-
-``name`` is the public name users type (``--backbone NAME``); ``factory`` builds the
-component; ``info`` is free-form description shown by ``tk list`` (``description=...``,
-``fallback=True`` yields the bare name to any other plugin registering it). The core records
-which plugin owns each name; a name registered by two plugins is an error naming both, and
-``plugin:name`` picks one. Register cheaply: import heavy libraries inside factories.
+A plugin is a module (or object) whose functions are named after these hooks and marked
+with :data:`hookimpl`; it is loaded through the entry-point group ``tk`` (or ``--plugin
+MODULE`` / ``TK_PLUGINS``). A hook may take any subset of its parameters. docs/plugins.md
+is the long form of this file (with a walkthrough); the two are tested to agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import pluggy
 
@@ -27,26 +18,52 @@ PROJECT = "tk"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[..., None]
+
+class Register(Protocol):
+    """The callback the registration hooks receive (owned by the core)."""
+
+    def __call__(self, name: str, factory: Callable[..., Any], **info: Any) -> None:
+        """Register one component.
+
+        :param name: what users type (``--backbone NAME``): a non-empty string without ``:``.
+        :param factory: builds the component; its signature depends on the kind (see each
+            hook). tk reads it to check ``--opt`` names and to pass ``num_classes`` /
+            ``seed`` only where named.
+        :param info: free-form, shown by ``tk list``. Known keys: ``description`` (one
+            line), ``default=True`` (used when the user names none of this kind),
+            ``fallback=True`` (yield the bare name to any other plugin registering it),
+            ``default_lr`` (optimizers: the learning rate used when ``--lr`` is not given).
+        """
+
+
+class EpochMetrics(TypedDict, total=False):
+    """What ``tk_epoch_end`` receives as ``metrics`` (``val_top5`` only with more than five
+    classes; every other key always). Later versions of tk may add keys: ignore unknown
+    ones."""
+
+    epoch: int  # the epoch just finished, from 1
+    train_loss: float  # mean training loss over the epoch's samples
+    train_acc: float  # training top-1 accuracy, 0..1
+    lr: float  # the head's learning rate at the end of the epoch
+    images_per_s: float  # training throughput of the epoch (all processes together)
+    val_loss: float  # mean validation loss
+    val_acc: float  # validation top-1 accuracy, 0..1
+    val_top5: float  # validation top-5 accuracy, 0..1 (more than five classes only)
+    val_samples: int  # validation images counted
+    epoch_time: float  # seconds the epoch took, training and validation
 
 
 @hookspec
 def tk_register_backbones(register: Register) -> None:
     """Register image backbones.
 
-    Factory signature: ``factory(pretrained, **options) -> toolkit.model.backbone.Backbone``.
-
-    ``pretrained`` is ``False`` (random initialisation), ``True`` (find the weights the
-    framework would use: its cache, then a download; raise
-    :class:`toolkit.errors.WeightsNotFoundError` naming the file and URL when neither works)
-    or a path to a weight file (``.safetensors``, or ``.pth`` read with
-    ``torch.load(weights_only=True)``) to load instead.
-
-    The returned ``Backbone`` carries ``module`` (images ``[N,3,H,W]`` -> features
-    ``[N,F]``), ``num_features`` (F), ``data_config`` (the preprocessing its weights expect),
-    ``layer_groups`` (ordered input -> output, the unit of ``--freeze N``) and ``weights``
-    (where the weights came from, with their sha256). Keep every pretrained layer except the
-    final classifier.
+    :param register: call ``register(name, factory, **info)`` per backbone. The factory is
+        ``factory(pretrained, **options) -> toolkit.model.backbone.Backbone``; ``pretrained``
+        is ``False`` (random), ``True`` (the weights your framework uses: find them with
+        :func:`toolkit.model.weights.resolve_pretrained`, which raises
+        :class:`toolkit.errors.WeightsNotFoundError` saying what it tried) or the path of a
+        weight file (``--weights FILE`` or imported weights). Keep every pretrained layer
+        except the final classifier.
     """
 
 
@@ -54,8 +71,9 @@ def tk_register_backbones(register: Register) -> None:
 def tk_register_heads(register: Register) -> None:
     """Register classification heads.
 
-    Factory signature: ``factory(num_features, num_classes, **options) -> torch.nn.Module``
-    mapping features ``[N, num_features]`` to logits ``[N, num_classes]``.
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(num_features, num_classes, **options) -> torch.nn.Module`` mapping
+        features ``[N, num_features]`` to logits ``[N, num_classes]``.
     """
 
 
@@ -63,9 +81,10 @@ def tk_register_heads(register: Register) -> None:
 def tk_register_losses(register: Register) -> None:
     """Register losses.
 
-    Factory signature: ``factory(**options) -> torch.nn.Module`` whose forward maps
-    ``(logits [N,C], targets [N] int64)`` to a scalar tensor. The core passes
-    ``num_classes`` in ``options`` only when the factory's signature accepts it.
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(**options) -> torch.nn.Module`` whose forward maps ``(logits [N,C],
+        targets [N] int64)`` to a scalar tensor. ``num_classes`` is passed only when the
+        factory's signature names it.
     """
 
 
@@ -73,10 +92,10 @@ def tk_register_losses(register: Register) -> None:
 def tk_register_optimizers(register: Register) -> None:
     """Register optimizers.
 
-    Factory signature: ``factory(param_groups, lr, weight_decay, **options) ->
-    torch.optim.Optimizer``. ``param_groups`` is a list of dicts as torch expects; a group
-    may carry its own ``lr`` (discriminative learning rates) and ``weight_decay`` (0 for
-    norms and biases), which the optimizer must respect.
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(param_groups, lr, weight_decay, **options) -> torch.optim.Optimizer``
+        and must honour a group's own ``lr`` and ``weight_decay``. ``info`` may carry
+        ``default_lr=3e-4``: the learning rate tk uses when ``--lr`` is not given.
     """
 
 
@@ -84,28 +103,23 @@ def tk_register_optimizers(register: Register) -> None:
 def tk_register_datasets(register: Register) -> None:
     """Register datasets.
 
-    Factory signature: ``factory(**options) -> toolkit.data.datasets.DatasetSource``, an object with
-
-    - ``classes``: list of class names (index = label),
-    - ``splits(train_transform, eval_transform, *, val_split, seed)`` returning
-      ``(train, val)`` ``torch.utils.data.Dataset`` objects whose items are
-      ``(image_tensor, label)``. The transforms take a PIL RGB image.
-
-    Common options the core may pass: ``path`` (``--data``), ``num_classes`` (``--classes``),
-    ``seed``.
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(**options) -> toolkit.data.datasets.DatasetSource`` (``classes`` and
+        ``splits(train_transform, eval_transform, *, val_split, seed)``). tk passes
+        ``path`` (``--data``), ``val_path`` (``--val-data``), ``num_classes`` and ``seed``
+        when the signature names them.
     """
 
 
 @hookspec(firstresult=True)
 def tk_dataset_for_path(path: str) -> str | None:
-    """Which registered dataset reads ``--data PATH``: return its name (``"imagefolder"``,
-    ``"my-plugin:json-manifest"``), or ``None`` to let other plugins answer.
+    """Say which registered dataset reads ``--data PATH`` (first answer wins; third-party
+    plugins are asked before the built-ins, which claim folders and ``.csv`` files).
 
-    Called in reverse registration order (third-party plugins before the built-ins), the
-    first non-``None`` answer wins. The built-ins claim folders (``imagefolder``) and
-    ``.csv`` files (``csv``); a plugin claims its own format, e.g. by extension. The chosen
-    dataset's factory receives the path as its ``path`` option. Keep it cheap: look at the
-    name or a few bytes, do not read the data.
+    :param path: the ``--data`` argument as given. Look at its name or a few bytes, not
+        the data. Return a dataset name (``"json-manifest"`` or ``"plugin:name"``) or
+        ``None`` to let the next plugin answer. The dataset's factory gets the path,
+        made absolute, as its ``path`` option.
     """
 
 
@@ -113,30 +127,36 @@ def tk_dataset_for_path(path: str) -> str | None:
 def tk_register_commands(cli: Any) -> None:
     """Add commands to the ``tk`` CLI.
 
-    ``cli`` is the root ``click.Group``; call ``cli.add_command(...)`` or decorate with
-    ``@cli.command()``. Keep imports of heavy libraries inside the command body.
+    :param cli: the root ``click.Group``: ``cli.add_command(cmd)``. A name tk or an earlier
+        plugin uses already is refused. Import heavy libraries inside the command body.
     """
 
 
 @hookspec
 def tk_train_start(config: dict[str, Any]) -> None:
-    """Called once before the first training epoch (on rank 0 only).
+    """Observer: called once before the first training epoch (rank 0 only).
 
-    ``config`` holds the resolved training arguments (backbone, head, loss, optimizer,
-    epochs, batch size, lr, freeze, device, precision, classes...). Observers only: do not
-    mutate it.
+    :param config: the resolved training arguments (component names and options,
+        ``dataset``, ``epochs``, ``batch_size``, ``lr``, ``freeze``, ``device``,
+        ``precision``, ``classes``...). Read it, do not mutate it.
     """
 
 
 @hookspec
-def tk_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-    """Called after each epoch's validation (on rank 0 only).
+def tk_epoch_end(epoch: int, metrics: EpochMetrics) -> None:
+    """Observer: called after each epoch's validation (rank 0 only).
 
-    ``epoch`` starts at 1. ``metrics`` has ``train_loss``, ``train_acc``, ``val_loss``,
-    ``val_acc`` (and ``val_top5`` with more than five classes), ``lr``, ``epoch_time``.
+    :param epoch: the epoch just finished, counting from 1.
+    :param metrics: that epoch's numbers, see :class:`EpochMetrics` for every key and type.
     """
 
 
 @hookspec
 def tk_model_saved(name: str, path: str, metadata: dict[str, Any]) -> None:
-    """Called after a model was written to the store. ``path`` is its safetensors file."""
+    """Observer: called after a model was written to the store.
+
+    :param name: the model's name in the store.
+    :param path: its safetensors file.
+    :param metadata: what ``tk store show NAME --json`` prints (spec, classes, data
+        config, training, metrics, weights, components...).
+    """

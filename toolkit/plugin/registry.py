@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,13 @@ class Component:
     @property
     def fallback(self) -> bool:
         return bool(self.info.get("fallback"))
+
+    @property
+    def default_lr(self) -> float | None:
+        """The learning rate an optimizer asks for when ``--lr`` is not given (None: the
+        caller's default)."""
+        value = self.info.get("default_lr")
+        return None if value is None else float(value)
 
     def accepted_options(self, positional: int = 0) -> list[str] | None:
         """Keyword options the factory takes after its ``positional`` arguments
@@ -74,9 +82,10 @@ class Registry:
     bare names to torchvision this way). ``owner:name`` always picks one explicitly.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, notes: Callable[[], str] | None = None):
         self.kind = kind
         self._by_name: dict[str, list[Component]] = {}
+        self._notes = notes  # appended to "unknown name" errors (plugins that failed)
 
     @property
     def singular(self) -> str:
@@ -87,6 +96,11 @@ class Registry:
             raise TkError(f"plugin '{owner}' registered an invalid {self.singular} name {name!r}")
         if not callable(factory):
             raise TkError(f"plugin '{owner}' registered {self.singular} '{name}' without a factory")
+        lr = info.get("default_lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                               or not math.isfinite(lr) or lr <= 0):
+            raise TkError(f"plugin '{owner}' registered {self.singular} '{name}' with "
+                          f"default_lr={lr!r}: expected a positive number")
         entries = self._by_name.setdefault(name, [])
         if any(c.owner == owner for c in entries):
             raise TkError(f"plugin '{owner}' registered {self.singular} '{name}' twice")
@@ -126,12 +140,12 @@ class Registry:
             if owner not in owners:
                 raise UnknownNameError(
                     f"unknown plugin '{owner}' in {self.singular} '{name}'"
-                    + _did_you_mean(owner, owners)
+                    + _did_you_mean(owner, owners) + self._note()
                 )
             raise UnknownNameError(
                 f"plugin '{owner}' has no {self.singular} '{bare}'"
                 + _did_you_mean(bare, [c.name for cs in self._by_name.values() for c in cs
-                                       if c.owner == owner])
+                                       if c.owner == owner]) + self._note()
             )
         winners = self._winners(name)
         if len(winners) == 1:
@@ -145,8 +159,11 @@ class Registry:
             )
         raise UnknownNameError(
             f"unknown {self.singular} '{name}'" + _did_you_mean(name, list(self._by_name))
-            + f" (see `tk list {self.kind}`)"
+            + f" (see `tk list {self.kind}`)" + self._note()
         )
+
+    def _note(self) -> str:
+        return self._notes() if self._notes is not None else ""
 
     def list(self, pattern: str | None = None) -> list[Component]:
         """Every registration (all owners), sorted by name then owner; fnmatch ``pattern``
@@ -170,7 +187,7 @@ class Registry:
             raise UnknownNameError(
                 f"no default {self.singular}: no loaded plugin registers one (is the built-in "
                 f"plugin disabled by TK_DISABLE_PLUGINS or TK_LOAD_PLUGINS?); name one "
-                f"explicitly (see `tk list {self.kind}`)")
+                f"explicitly (see `tk list {self.kind}`)" + self._note())
         if len(found) > 1:
             names = sorted(c.qualified_name for c in found)
             raise AmbiguousNameError(
@@ -179,6 +196,8 @@ class Registry:
         return found[0]
 
     def build(self, name: str, *args: Any, **options: Any) -> Any:
+        """``resolve(name).factory(*args, **options)``: what a plugin's tests call to build
+        one of its components (``registry("backbones").build("mine:net", False)``)."""
         return self.resolve(name).factory(*args, **options)
 
 

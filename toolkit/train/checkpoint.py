@@ -1,32 +1,34 @@
 """Training checkpoints without pickle: nested state (dicts, lists, numbers, tensors) split
-into safetensors tensors plus a JSON skeleton, written atomically."""
+into safetensors tensors plus a JSON skeleton, sealed with a checksum like the store's
+files and written through the store's one atomic writer (temp file, fsync, rename).
+
+What the state means and how it is validated on resume lives with its owners
+(:mod:`toolkit.train.progress`, :class:`toolkit.model.freezing.Freezing`); this module only
+stores and reads it back faithfully, or says the file is damaged."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from toolkit.errors import TkError
+from toolkit.errors import StoreError, TkError
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 _INTKEYS = "__intkeys__"
+SKELETON_KEY = "skeleton"
+MAX_DEPTH = 64  # a real checkpoint nests 6 levels deep
 
 
-def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+def flatten(obj: Any, tensors: dict[str, Any], path: str = "t") -> Any:
     """Replace every tensor in ``obj`` by a reference into ``tensors``."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
-        key = f"{path}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {_TENSOR: key}
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {_TENSOR: path}
     if isinstance(obj, dict):
         if obj and all(isinstance(k, int) for k in obj):
             return {_INTKEYS: {str(k): flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
@@ -40,85 +42,67 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
     raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
 
 
-def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def unflatten(obj: Any, tensors: dict[str, Any], depth: int = 0) -> Any:
+    """The inverse of :func:`flatten`; ``ValueError`` for a skeleton that does not fit."""
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
     if isinstance(obj, dict):
         if set(obj) == {_TENSOR}:
-            return tensors[obj[_TENSOR]]
+            key = obj[_TENSOR]
+            if not isinstance(key, str) or key not in tensors:
+                raise ValueError(f"refers to a missing tensor {key!r}")
+            return tensors[key]
         if set(obj) == {_TUPLE}:
-            return tuple(unflatten(v, tensors) for v in obj[_TUPLE])
+            if not isinstance(obj[_TUPLE], list):
+                raise ValueError("a tuple that is not a list")
+            return tuple(unflatten(v, tensors, depth + 1) for v in obj[_TUPLE])
         if set(obj) == {_INTKEYS}:
-            return {int(k): unflatten(v, tensors) for k, v in obj[_INTKEYS].items()}
-        return {k: unflatten(v, tensors) for k, v in obj.items()}
+            inner = obj[_INTKEYS]
+            if not isinstance(inner, dict) or not all(k.lstrip("-").isdigit() for k in inner):
+                raise ValueError("integer keys that are not integers")
+            return {int(k): unflatten(v, tensors, depth + 1) for k, v in inner.items()}
+        return {k: unflatten(v, tensors, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [unflatten(v, tensors) for v in obj]
+        return [unflatten(v, tensors, depth + 1) for v in obj]
     return obj
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (temp file, fsync, rename)."""
-    tensors: dict[str, torch.Tensor] = {}
+def save_checkpoint(path: Path, state: dict[str, Any]) -> int:
+    """Write ``state`` atomically and sealed; return the bytes written. A failed write is
+    one line; the previous checkpoint (if any) is untouched."""
+    from model_store.atomic import atomic_write
+    from model_store.fileformat import seal, serialize
+
+    tensors: dict[str, Any] = {}
     skeleton = flatten(state, tensors)
+    chunks, _digest = seal(serialize(tensors, {SKELETON_KEY: json.dumps(skeleton)}))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # one writer per run folder: a temp file already here is a killed writer's
-        for stale in path.parent.glob(".ckpt-*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise TkError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from None
-    os.close(fd)
-    try:
-        # safetensors refuses tensors sharing memory; clone those that do
-        seen: dict[int, str] = {}
-        for k, t in list(tensors.items()):
-            ptr = t.data_ptr() if t.numel() else -1
-            if ptr in seen:
-                tensors[k] = t.clone()
-            elif ptr != -1:
-                seen[ptr] = k
-        save_file(tensors, tmp, metadata={"skeleton": json.dumps(skeleton)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) or _is_write_failure(exc):
-            raise TkError(f"cannot write checkpoint {path}: {_os_reason(exc)} (the previous "
-                          "checkpoint, if any, is kept)") from None
-        raise
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return "no space left on device"
-        if exc.errno == errno.EFBIG:
-            return "file too large (file-size limit reached)"
-        return exc.strerror or str(exc)
-    code = re.search(r"\(os error (\d+)\)", str(exc))  # safetensors' wrapped OS error
-    if code:
-        number = int(code.group(1))
-        return _os_reason(OSError(number, os.strerror(number)))
-    return " ".join(str(exc).split())
-
-
-def _is_write_failure(exc: BaseException) -> bool:
-    """safetensors reports a failed write as its own error type wrapping the OS error."""
-    text = str(exc)
-    return type(exc).__name__ == "SafetensorError" and (
-        "No space left" in text or "File too large" in text or "os error" in text)
+        return atomic_write(path, chunks, "checkpoint")
+    except StoreError as exc:
+        raise TkError(f"{exc} (the previous checkpoint, if any, is kept)") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    """The state :func:`save_checkpoint` wrote, checksum-verified; a missing, non-regular,
+    damaged or edited file is one line."""
+    from model_store.fileformat import load_tensors, metadata_of, read_sealed
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        return unflatten(json.loads(meta["skeleton"]), tensors)
+        mode = path.stat().st_mode
     except FileNotFoundError:
-        raise TkError(f"no checkpoint at {path} to resume from") from None
-    except Exception as exc:
-        raise TkError(f"checkpoint {path} is damaged ({type(exc).__name__}: {exc}); "
-                      "start again without --resume") from None
+        raise TkError(f"no checkpoint at {path}") from None
+    except OSError as exc:
+        raise TkError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise TkError(f"the checkpoint {path} is not a regular file; start again without "
+                      "--resume")
+    try:
+        raw, header = read_sealed(path)
+        skeleton = json.loads(metadata_of(header)[SKELETON_KEY])
+        return unflatten(skeleton, load_tensors(raw))
+    except OSError as exc:
+        raise TkError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except (StoreError, KeyError, ValueError, TypeError, RecursionError) as exc:
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise TkError(f"the checkpoint {path} is damaged ({why}); start again without "
+                      "--resume") from None

@@ -8,19 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from toolkit import distributed as D
 from toolkit.data.loader import make_loader
 from toolkit.devices import autocast, pin_memory, to_device
-from toolkit.errors import TkError
+from toolkit.errors import StoreError, TkError
 
 INDEX = "index.json"
 
@@ -171,7 +170,7 @@ def _gather_in_order(x: torch.Tensor, y: torch.Tensor, n: int, dist: D.DistInfo
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
-    if not path.exists():
+    if not path.is_file():
         return None
     try:
         t = load_file(str(path))
@@ -184,35 +183,32 @@ def _read(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _index(cache_dir: Path) -> dict[str, str]:
+    path = cache_dir / INDEX
     try:
-        return json.loads((cache_dir / INDEX).read_text())
+        if path.is_file():
+            index = json.loads(path.read_text())
+            if isinstance(index, dict):
+                return {str(k): str(v) for k, v in index.items()}
     except (OSError, ValueError):
-        return {}
+        pass
+    return {}
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], cache_dir: Path, slot: str,
            key: str) -> bool:
-    """Write the cache entry and its index atomically; False (features kept in memory only)
-    when the disk refuses (full, file-size limit, read-only), with no temp file left."""
-    tmp: str | None = None
+    """Write the cache entry, then its index, through the store's atomic writer; False
+    (features kept in memory only) when the disk refuses (full, file-size limit,
+    read-only), with no temp file left. Dead writers' temp files go after a success."""
+    from model_store.atomic import atomic_write, clean_stale_temps
+    from model_store.fileformat import serialize
+
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".feat-", suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, [serialize(tensors)], "feature cache")
         index = _index(cache_dir)
         index[slot] = key
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".index-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, cache_dir / INDEX)
-        tmp = None
-        return True
-    except Exception as exc:  # OSError, or safetensors' own error wrapping one
-        if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
-            raise
+        atomic_write(cache_dir / INDEX, [json.dumps(index, indent=1).encode()],
+                     "feature cache index")
+    except StoreError:
         return False
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    clean_stale_temps(cache_dir)
+    return True

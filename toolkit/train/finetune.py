@@ -1,96 +1,38 @@
-"""`tk finetune` as a function: resolve components, data and weights, train, save.
+"""`tk finetune` as a function: a run is a short sequence of steps, each a small function
+below::
 
-Everything here goes through the registries: the core names no concrete backbone, head,
-loss, optimizer or dataset: the defaults are the ones plugins register as such, and which
-dataset reads `--data PATH` is asked of the plugins (`tk_dataset_for_path`)."""
+    components  resolve_components   which backbone/head/loss/optimizer/dataset, options checked
+    outputs     plan_outputs         store, model name, run folder; taken (lock), writable
+    data        load_data            the dataset's classes, checked against --classes
+    session     training_session     device, precision, torchrun process group
+    model       build_model          weights, backbone + head (size-checked first), input size
+    plan        plan_training        freezing, loss, optimizer, splits, feature cache
+    train       Trainer.fit          (toolkit.train.trainer)
+    save        save_model           the best weights + metadata into the store
+    artifacts   write_artifacts      training curves and confusion matrix
+
+Everything goes through the registries: the core names no concrete component."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
-import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import DataError, TkError
-from toolkit.train.config import COMPONENTS
-
-
-@dataclass
-class FinetuneArgs:
-    backbone: str
-    classes: int | None = None
-    data: str | None = None
-    val_data: str | None = None
-    dataset: str | None = None
-    head: str | None = None  # None: the default a plugin registers (built-in: linear)
-    loss: str | None = None  # built-in default: cross-entropy
-    optimizer: str | None = None  # built-in default: adamw
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    freeze: str = "none"
-    unfreeze_at: int | None = None
-    backbone_lr_scale: float | None = None  # default: 0.1 pretrained, 1.0 from scratch
-    pretrained: bool = True
-    weights: str | None = None
-    device: str = "auto"
-    precision: str = "32"
-    channels_last: bool = False
-    compile: bool = False
-    image_size: int | None = None
-    val_split: float = 0.2
-    workers: int = 0
-    seed: int = 0
-    patience: int | None = None
-    warmup_epochs: float = 1.0
-    augment: bool = True
-    cache_features: bool | None = None  # None: automatic (frozen backbone, no augmentation)
-    name: str | None = None
-    store: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-    options: dict[str, dict[str, Any]] = field(default_factory=lambda: {c: {} for c in COMPONENTS})
-
-    def check(self) -> None:
-        def positive(flag: str, value: Any) -> None:
-            if value is not None and not value > 0:  # NaN is not positive either
-                raise TkError(f"{flag} must be positive, got {value}")
-
-        for flag, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
-                            ("--backbone-lr-scale", self.backbone_lr_scale),
-                            ("--warmup-epochs", self.warmup_epochs),
-                            ("--val-split", self.val_split)):
-            if value is not None and not math.isfinite(value):
-                raise TkError(f"{flag} must be a finite number, got {value}")
-
-        positive("--epochs", self.epochs)
-        positive("--batch-size", self.batch_size)
-        positive("--lr", self.lr)
-        positive("--classes", self.classes)
-        positive("--image-size", self.image_size)
-        positive("--unfreeze-at", self.unfreeze_at)
-        positive("--patience", self.patience)
-        if self.weight_decay < 0:
-            raise TkError(f"--weight-decay must not be negative, got {self.weight_decay}")
-        if self.backbone_lr_scale is not None and self.backbone_lr_scale < 0:
-            raise TkError("--backbone-lr-scale must not be negative")
-        if not 0 < self.val_split < 1:
-            raise TkError(f"--val-split must be between 0 and 1, got {self.val_split}")
-        if self.warmup_epochs < 0:
-            raise TkError(f"--warmup-epochs must not be negative, got {self.warmup_epochs}")
-        if self.workers < 0:
-            raise TkError("--workers must not be negative")
-        if self.weights and not self.pretrained:
-            raise TkError("--weights and --no-pretrained contradict each other")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
-                                                      self.name):
-            raise TkError(f"--name {self.name!r}: use letters, digits, '.', '_' and '-'")
+from toolkit.train.components import (
+    Components,
+    choose_lr,
+    resolve_components,
+    with_accepted,
+)
+from toolkit.train.config import FinetuneArgs
 
 
 @dataclass
@@ -98,52 +40,236 @@ class FinetuneResult:
     name: str
     model_path: Path
     best_epoch: int
-    metrics: dict[str, float]
-    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
     artifacts: dict[str, str]
     stopped_early: bool = False
 
 
-def _dataset_choice(args: FinetuneArgs, plugins: Any) -> tuple[Any, dict[str, Any]]:
-    """Which dataset and its options: ``--dataset NAME`` (given ``--data PATH`` as its
-    ``path``), else the dataset a plugin claims for ``--data PATH``
-    (``tk_dataset_for_path``), else the default dataset a plugin registers (the embedded
-    shapes)."""
-    registry = plugins.registry("datasets")
-    opts = dict(args.options.get("dataset", {}))
-    if args.data:
-        path = Path(args.data)
-        if not path.exists():
-            raise DataError(f"--data {args.data}: no such file or directory")
-        opts.setdefault("path", str(path.resolve()))
-        if args.dataset:
-            component = registry.resolve(args.dataset)
-        else:
-            name = plugins.dataset_for_path(str(path))
-            if name is None:
-                kind = "folder" if path.is_dir() else f"'{path.suffix or path.name}' file"
-                raise DataError(
-                    f"--data {args.data}: no loaded plugin reads a {kind} (the built-in "
-                    "datasets plugin reads folders and .csv files; is it disabled by "
-                    "TK_DISABLE_PLUGINS or TK_LOAD_PLUGINS?); name a dataset with --dataset")
-            component = registry.resolve(name)
-    else:
-        component = registry.resolve(args.dataset) if args.dataset else registry.default()
-    if args.val_data:
-        opts.setdefault("val_path", str(Path(args.val_data).resolve()))
-    return component, opts
+def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
+    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks)."""
+    # options, component names and the output places are checked before torch is even
+    # imported: user errors come back at once
+    args.check()
+    components = resolve_components(args, plugins)
+    outputs = plan_outputs(args, components)
+    with outputs.claim():
+        data = load_data(args, components)
+        with training_session(args) as session:
+            built = build_model(args, plugins, components, data, outputs.store, session)
+            plan = plan_training(args, components, data, built, outputs.store, session)
+            trainer = make_trainer(args, components, data, built, plan, outputs, session,
+                                   plugins)
+            saved = trainer.read_checkpoint() if args.resume and session.is_main else None
+            record = training_record(args, components, data, built, plan, session)
+            if session.is_main:
+                plugins.notify("tk_train_start", config=dict(record, classes=data.classes))
+                session.log(describe_run(components, data, built, plan, session))
+            try:
+                result = trainer.fit(resume=args.resume, saved=saved)
+            except KeyboardInterrupt:
+                session.log(f"interrupted: the last finished epoch is checkpointed in "
+                            f"{outputs.run.path}; continue with: tk finetune ... --name "
+                            f"{outputs.name} --resume")
+                raise
+            if not session.is_main:
+                return None
+            info, metadata = save_model(args, components, data, built, plan, result, record,
+                                        outputs, plugins)
+            artifacts = write_artifacts(outputs, result, data.classes, session.log)
+            outputs.run.finish()
+    plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path), metadata=metadata)
+    best = result.best_metrics
+    session.log(f"saved model '{outputs.name}' (best epoch {result.best_epoch}: val acc "
+                f"{best['val_acc']:.3f}, val loss {best['val_loss']:.4f}) to {info.path}; "
+                f"tk version {metadata['tk_version']}")
+    return FinetuneResult(outputs.name, Path(info.path), result.best_epoch, best,
+                          result.history, artifacts, result.stopped_early)
 
 
-def _with_accepted(component: Any, positional: int, candidates: dict[str, Any],
-                   options: dict[str, Any]) -> dict[str, Any]:
-    """Add the core's common options (``num_classes``, ``seed``...) that the factory
-    accepts and the user did not set."""
-    accepted = component.accepted_options(positional)
-    out = dict(options)
-    for key, value in candidates.items():
-        if value is not None and key not in out and (accepted is None or key in accepted):
-            out[key] = value
-    return out
+# -- outputs: store, name, run folder -----------------------------------------------------
+
+@dataclass
+class Outputs:
+    store: Any  # model_store.ModelStore
+    name: str
+    run: Any  # toolkit.train.rundir.RunDir
+    is_main: bool
+    default_name: bool = False  # tk chose the name: another one is fine
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """Rank 0 holds the run's lock for the whole run and checks, before any work, that
+        every place the run writes to is writable. A default name another run holds (two
+        runs started in the same second) becomes ``NAME-2``, ``NAME-3``..."""
+        if not self.is_main:
+            yield
+            return
+        from toolkit.train.rundir import check_writable
+
+        with self._locked():
+            root = self.store.root
+            check_writable([(self.store.models_dir, "the model store's models folder"),
+                            (self.store.bases_dir, "the model store's bases folder"),
+                            (root / "artifacts", "the model store's artifacts folder"),
+                            (self.run.path, "the run folder")])
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        from toolkit.train.rundir import RunDir, RunInProgressError
+
+        base = self.name
+        with contextlib.ExitStack() as held:
+            for attempt in range(2, 102):
+                try:
+                    held.enter_context(self.run.lock())
+                except RunInProgressError:
+                    if not self.default_name:
+                        raise
+                else:
+                    if not (self.default_name and self.store.model_path(self.name).exists()):
+                        break
+                    held.close()  # a model of that name appeared meanwhile: next name
+                self.name = f"{base}-{attempt}"
+                self.run = RunDir(self.run.root, self.name)
+            else:
+                raise TkError(f"no free default name after {base}-101; pass --name")
+            yield
+
+
+def plan_outputs(args: FinetuneArgs, components: Components) -> Outputs:
+    from model_store import ModelStore, check_name
+    from model_store.atomic import ensure_dir
+    from toolkit import env
+    from toolkit.train.rundir import RunDir
+
+    store = ModelStore(args.store)
+    runs = store.root / "runs"
+    ensure_dir(runs, "model store")  # an unwritable store fails now, not after training
+    name = args.name
+    chosen = name is None and not args.resume
+    if name is None:
+        name = (RunDir.latest(runs) if args.resume
+                else default_name(components.backbone.name, components.dataset.name))
+    check_name(name)  # before training, whatever --overwrite / --resume say
+    if not (chosen or args.resume or args.overwrite) and store.model_path(name).is_file():
+        raise TkError(f"model '{name}' already exists in {store.root}; "
+                      "choose another --name or pass --overwrite")
+    is_main = env.integer("RANK", 0) == 0  # torchrun's; torch is not imported yet
+    return Outputs(store, name, RunDir(runs, name), is_main, default_name=chosen)
+
+
+def default_name(backbone: str, dataset: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    bare = re.sub(r"[^A-Za-z0-9._-]", "-", backbone.split(":")[-1])
+    return f"{bare}-{dataset}-{stamp}"
+
+
+# -- data ------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    source: Any  # DatasetSource: classes, splits(...)
+    classes: list[str]
+    options: dict[str, Any]  # what the dataset factory got
+
+
+def load_data(args: FinetuneArgs, components: Components) -> Data:
+    """The dataset (listing files needs no torch), its classes checked."""
+    ds = components.dataset
+    options = with_accepted(ds, 0, {"num_classes": args.classes, "seed": args.seed},
+                            components.dataset_options)
+    ds.check_options(options)
+    source = ds.factory(**options)
+    classes = list(source.classes)
+    if args.classes is not None and len(classes) != args.classes:
+        raise DataError(f"--classes {args.classes} but the data has {len(classes)} classes"
+                        f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes, the data has {len(classes)}")
+    return Data(source, classes, options)
+
+
+# -- session: device, precision, process group ---------------------------------------------
+
+@dataclass
+class Session:
+    dist: Any  # toolkit.distributed.DistInfo
+    device: Any  # torch.device
+    precision: str
+    log: Callable[[str], None]
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.dist.is_main)
+
+
+@contextlib.contextmanager
+def training_session(args: FinetuneArgs) -> Iterator[Session]:
+    import torch
+
+    from toolkit import distributed as D
+    from toolkit.devices import check_precision, resolve_device
+
+    dist = D.from_env()
+    device = resolve_device(args.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    precision = check_precision(args.precision, device)
+    D.init(dist, device)
+    try:
+        yield Session(dist, device, precision, _logger(dist.is_main))
+    finally:
+        D.shutdown()
+
+
+# -- model -----------------------------------------------------------------------------------
+
+@dataclass
+class Built:
+    backbone: Any  # toolkit.model.backbone.Backbone
+    model: Any  # Classifier
+    data_config: Any  # DataConfig
+
+
+def build_model(args: FinetuneArgs, plugins: Any, components: Components, data: Data,
+                store: Any, session: Session) -> Built:
+    """Backbone (with its weights) + head. Both are first built on torch's meta device to
+    check their size before anything is allocated; the real build is seeded, so random
+    initialisation repeats exactly."""
+    from toolkit.model.assemble import Classifier, build_backbone, build_head
+    from toolkit.model.budget import Budget, check_on_meta
+    from toolkit.train.trainer import seed_everything
+
+    bb, head = components.backbone, components.head
+    bb_opts, head_opts = args.options["backbone"], args.options["head"]
+
+    def build(budget: Budget, pretrained: Any = False) -> tuple[Any, Any]:
+        with budget.building(_labelled("backbone", bb, bb_opts)):
+            backbone = build_backbone(plugins, bb.qualified_name,
+                                      pretrained, bb_opts)
+        with budget.building(_labelled("head", head, head_opts)):
+            module = build_head(plugins, head.qualified_name,
+                                backbone.num_features, len(data.classes), head_opts)
+        return backbone, module
+
+    check_on_meta(build)
+    seed_everything(args.seed)
+    pretrained, weights_source = resolve_weights(args, bb.qualified_name, store)
+    backbone, head_module = build(Budget(), pretrained)
+    if weights_source == "store":
+        backbone.weights.source = "store"
+    model = Classifier(backbone.module, head_module)
+    data_config = _choose_input_size(backbone, args.image_size,
+                                     getattr(data.source, "image_size", None), session.log)
+    return Built(backbone, model, data_config)
+
+
+def _labelled(role: str, component: Any, options: dict[str, Any]) -> str:
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return f"{role} '{component.qualified_name}'" + (f" ({given})" if given else "")
 
 
 def resolve_weights(args: FinetuneArgs, qualified: str, store: Any) -> tuple[Any, str | None]:
@@ -160,215 +286,6 @@ def resolve_weights(args: FinetuneArgs, qualified: str, store: Any) -> tuple[Any
     if found is not None:
         return str(found), "store"
     return True, None
-
-
-def default_name(backbone: str, dataset: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    bare = re.sub(r"[^A-Za-z0-9._-]", "-", backbone.split(":")[-1])
-    return f"{bare}-{dataset}-{stamp}"
-
-
-def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
-    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks)."""
-    # options and component names are checked before torch is even imported: user errors
-    # come back at once
-    args.check()
-    # components and their options (unknown options fail before any work)
-    reg = {kind: plugins.registry(kind) for kind in
-           ("backbones", "heads", "losses", "optimizers", "datasets")}
-    bb_c = reg["backbones"].resolve(args.backbone)
-    head_c = reg["heads"].resolve(args.head) if args.head else reg["heads"].default()
-    loss_c = reg["losses"].resolve(args.loss) if args.loss else reg["losses"].default()
-    opt_c = (reg["optimizers"].resolve(args.optimizer) if args.optimizer
-             else reg["optimizers"].default())
-    ds_c, ds_opts = _dataset_choice(args, plugins)
-    bb_c.check_options(args.options["backbone"], positional=1)
-    head_c.check_options(args.options["head"], positional=2)
-    loss_c.check_options(args.options["loss"])
-    opt_c.check_options(args.options["optimizer"], positional=3)
-
-    from model_store import ModelStore, check_name
-    from model_store.atomic import ensure_dir
-
-    store = ModelStore(args.store)
-    name = args.name or (default_name(bb_c.name, ds_c.name) if not args.resume else None)
-    run_root = store.root / "runs"
-    if args.resume and name is None:
-        name = _latest_run(run_root)
-    assert name is not None
-    check_name(name)  # before training, whatever --overwrite / --resume say
-    if not args.resume and not args.overwrite and store.model_path(name).is_file():
-        raise TkError(f"model '{name}' already exists in {store.root}; "
-                      "choose another --name or pass --overwrite")
-    run_dir = run_root / name
-    ensure_dir(run_root, "model store")  # an unwritable store fails now, not after training
-
-    # data (listing files needs no torch either)
-    ds_opts = _with_accepted(ds_c, 0, {"num_classes": args.classes, "seed": args.seed},
-                             ds_opts)
-    ds_c.check_options(ds_opts)
-    source = ds_c.factory(**ds_opts)
-    classes = list(source.classes)
-    if args.classes is not None and len(classes) != args.classes:
-        raise DataError(f"--classes {args.classes} but the data has {len(classes)} classes"
-                        f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-    if len(classes) < 2:
-        raise DataError(f"need at least 2 classes, the data has {len(classes)}")
-
-    import torch
-
-    from toolkit import __version__
-    from toolkit import distributed as D
-    from toolkit.data.transforms import eval_transform, train_transform
-    from toolkit.devices import check_precision, resolve_device
-    from toolkit.model.assemble import (
-        Classifier,
-        ModelSpec,
-        build_backbone,
-        build_head,
-        call_factory,
-    )
-    from toolkit.model.freezing import frozen_count
-    from toolkit.train import features
-    from toolkit.train.optim import param_groups
-    from toolkit.train.trainer import TrainConfig, Trainer, seed_everything
-
-    dist = D.from_env()
-    log = _logger(dist.is_main)
-
-    device = resolve_device(args.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    precision = check_precision(args.precision, device)
-    D.init(dist, device)
-    try:
-        # backbone with its weights, and the head (seeded: random init repeats exactly)
-        seed_everything(args.seed)
-        pretrained, weights_source = resolve_weights(args, bb_c.qualified_name, store)
-        backbone = build_backbone(plugins, bb_c.qualified_name, pretrained,
-                                  args.options["backbone"])
-        if weights_source == "store":
-            backbone.weights.source = "store"
-        head = build_head(plugins, head_c.qualified_name, backbone.num_features, len(classes),
-                          args.options["head"])
-        model = Classifier(backbone.module, head)
-        data_config = _choose_input_size(backbone, args.image_size,
-                                         getattr(source, "image_size", None), log)
-
-        n_groups = len(backbone.layer_groups)
-        frozen = frozen_count(args.freeze, n_groups)
-        if args.unfreeze_at and frozen == 0:
-            raise TkError("--unfreeze-at needs a frozen backbone (--freeze all or N)")
-        lr_scale = args.backbone_lr_scale
-        if lr_scale is None:
-            lr_scale = 0.1 if args.pretrained else 1.0
-
-        loss_opts = _with_accepted(loss_c, 0, {"num_classes": len(classes)},
-                                   args.options["loss"])
-        loss_fn = call_factory("loss", loss_c.name, loss_c.factory,
-                               options=args.options["loss"], **loss_opts)
-        optimizer_factory = functools.partial(opt_c.factory, **args.options["optimizer"])
-        # a bad optimizer option value fails now, with one line, not when training starts
-        call_factory("optimizer", opt_c.name, optimizer_factory,
-                     param_groups(model, args.lr, args.weight_decay, lr_scale),
-                     options=args.options["optimizer"], lr=args.lr,
-                     weight_decay=args.weight_decay)
-
-        use_cache = features.should_cache(args.cache_features, frozen == n_groups,
-                                          args.augment, args.unfreeze_at)
-        augment = args.augment and not use_cache
-        if use_cache and args.augment:
-            log("note: with --cache-features the features are computed once, without "
-                "augmentation")
-        train_set, val_set = source.splits(
-            train_transform(data_config, augment=augment), eval_transform(data_config),
-            val_split=args.val_split, seed=args.seed)
-        if len(val_set) == 0:
-            raise DataError("the validation split is empty: add images or raise --val-split")
-
-        cfg = TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            weight_decay=args.weight_decay, frozen_groups=frozen, unfreeze_at=args.unfreeze_at,
-            backbone_lr_scale=lr_scale, warmup_epochs=args.warmup_epochs,
-            patience=args.patience, precision=precision, channels_last=args.channels_last,
-            compile=args.compile, workers=args.workers, seed=args.seed, quiet=args.quiet)
-
-        head_only = False
-        if use_cache:
-            train_set, val_set = features.cached_features(
-                backbone, data_config, (train_set, val_set),
-                key_parts={"backbone": bb_c.qualified_name,
-                           "backbone_options": args.options["backbone"],
-                           "dataset": ds_c.qualified_name, "options": ds_opts,
-                           "val_split": args.val_split, "seed": args.seed,
-                           },
-                cache_dir=store.root / "cache" / "features", device=device,
-                precision=precision, batch_size=args.batch_size, workers=args.workers,
-                dist=dist, log=log)
-            head_only = True
-
-        training = {k: v for k, v in asdict(args).items() if k not in ("options",)}
-        training.update(backbone=bb_c.qualified_name, head=head_c.qualified_name,
-                        loss=loss_c.qualified_name, optimizer=opt_c.qualified_name,
-                        options=args.options, backbone_lr_scale=lr_scale,
-                        frozen_groups=frozen, layer_groups=n_groups, device=str(device),
-                        world_size=dist.world_size, dataset=ds_c.qualified_name,
-                        dataset_options=_jsonable(ds_opts), feature_cache=use_cache)
-        if dist.is_main:
-            plugins.notify("tk_train_start", config=dict(training, classes=classes))
-            log(f"fine-tuning {backbone.name} ({n_groups} layer groups, {frozen} frozen, "
-                f"weights: {backbone.weights.source}) on {ds_c.name}: {len(classes)} classes, "
-                f"{len(train_set)} train / {len(val_set)} val images at "
-                f"{data_config.input_size[1]}px, device {device}, precision {precision}")
-
-        trainer = Trainer(
-            model, backbone, loss_fn, optimizer_factory, train_set, val_set, len(classes),
-            cfg, device, run_dir=run_dir, dist=dist,
-            on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
-            head_only=head_only, log=log)
-        try:
-            result = trainer.fit(resume=args.resume)
-        except KeyboardInterrupt:
-            if dist.is_main:
-                log(f"interrupted: the last finished epoch is checkpointed in {run_dir}; "
-                    f"continue with: tk finetune ... --name {name} --resume")
-            raise
-
-        if not dist.is_main:
-            return None
-        model.load_state_dict(result.best_state)
-        spec = ModelSpec(backbone=bb_c.qualified_name, num_classes=len(classes),
-                         head=head_c.qualified_name,
-                         backbone_options=args.options["backbone"],
-                         head_options=args.options["head"])
-        metadata = {
-            "spec": spec.to_dict(),
-            "classes": classes,
-            "data_config": data_config.to_dict(),
-            "training": _jsonable(training),
-            "metrics": {"best_epoch": result.best_epoch, "best": result.best_metrics,
-                        "history": result.history, "confusion": result.confusion,
-                        "stopped_early": result.stopped_early},
-            "weights": backbone.weights.to_dict(),
-            "tk_version": __version__,
-        }
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        fully_frozen = result.frozen_groups_end == n_groups
-        info = store.save(name, state, metadata,
-                          shared_prefix="backbone." if fully_frozen else None,
-                          overwrite=args.overwrite or args.resume)
-        artifacts = _plots(store, name, result.history, result.confusion, classes, log)
-        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # finished: not needed
-        plugins.notify("tk_model_saved", name=name, path=str(info.path), metadata=metadata)
-        best = result.best_metrics
-        log(f"saved model '{name}' (best epoch {result.best_epoch}: val acc "
-            f"{best['val_acc']:.3f}, val loss {best['val_loss']:.4f}) to {info.path}; "
-            f"tk version {__version__}")
-        return FinetuneResult(name, Path(info.path), result.best_epoch, best, result.history,
-                              artifacts, result.stopped_early)
-    finally:
-        D.shutdown()
 
 
 def _choose_input_size(backbone: Any, requested: int | None, preferred: int | None,
@@ -398,29 +315,190 @@ def _choose_input_size(backbone: Any, requested: int | None, preferred: int | No
     return dc.with_image_size(size)
 
 
-def _plots(store: Any, name: str, history: list[dict[str, float]],
-           confusion: list[list[int]], classes: list[str], log: Any) -> dict[str, str]:
+# -- plan: freezing, loss, optimizer, data splits, feature cache ---------------------------
+
+@dataclass
+class Plan:
+    config: Any  # TrainConfig
+    freezing: Any  # Freezing
+    loss_fn: Any
+    optimizer_factory: Callable[..., Any]
+    train_set: Any
+    val_set: Any
+    lr_source: str
+    feature_cache: bool
+
+
+def plan_training(args: FinetuneArgs, components: Components, data: Data, built: Built,
+                  store: Any, session: Session) -> Plan:
+    from toolkit.data.transforms import eval_transform, train_transform
+    from toolkit.model.assemble import call_factory
+    from toolkit.model.freezing import Freezing
+    from toolkit.train import features
+    from toolkit.train.optim import param_groups
+    from toolkit.train.trainer import TrainConfig
+
+    freezing = Freezing.from_options(built.backbone, args.freeze, args.unfreeze_at)
+    lr, lr_source = choose_lr(args, components.optimizer)
+    lr_scale = args.backbone_lr_scale
+    if lr_scale is None:
+        lr_scale = 0.1 if args.pretrained else 1.0
+
+    loss_c, opt_c = components.loss, components.optimizer
+    loss_opts = with_accepted(loss_c, 0, {"num_classes": len(data.classes)},
+                              args.options["loss"])
+    loss_fn = call_factory("loss", loss_c.name, loss_c.factory, options=args.options["loss"],
+                           **loss_opts)
+    optimizer_factory = functools.partial(opt_c.factory, **args.options["optimizer"])
+    # a bad optimizer option value fails now, with one line, not when training starts
+    call_factory("optimizer", opt_c.name, optimizer_factory,
+                 param_groups(built.model, lr, args.weight_decay, lr_scale),
+                 options=args.options["optimizer"], lr=lr, weight_decay=args.weight_decay)
+
+    use_cache = features.should_cache(args.cache_features, freezing.initial == freezing.n_groups,
+                                      args.augment, args.unfreeze_at)
+    if use_cache and args.augment:
+        session.log("note: with --cache-features the features are computed once, without "
+                    "augmentation")
+    train_set, val_set = data.source.splits(
+        train_transform(built.data_config, augment=args.augment and not use_cache),
+        eval_transform(built.data_config), val_split=args.val_split, seed=args.seed)
+    if len(val_set) == 0:
+        raise DataError("the validation split is empty: add images or raise --val-split")
+    if use_cache:
+        train_set, val_set = features.cached_features(
+            built.backbone, built.data_config, (train_set, val_set),
+            key_parts={"backbone": components.backbone.qualified_name,
+                       "backbone_options": args.options["backbone"],
+                       "dataset": components.dataset.qualified_name, "options": data.options,
+                       "val_split": args.val_split, "seed": args.seed},
+            cache_dir=store.root / "cache" / "features", device=session.device,
+            precision=session.precision, batch_size=args.batch_size, workers=args.workers,
+            dist=session.dist, log=session.log)
+        freezing.use_features_only()
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
+        backbone_lr_scale=lr_scale, warmup_epochs=args.warmup_epochs, patience=args.patience,
+        precision=session.precision, channels_last=args.channels_last, compile=args.compile,
+        workers=args.workers, seed=args.seed, quiet=args.quiet)
+    return Plan(config, freezing, loss_fn, optimizer_factory, train_set, val_set, lr_source,
+                use_cache)
+
+
+def run_identity(args: FinetuneArgs, components: Components, data: Data, built: Built,
+                 plan: Plan) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model, the data, the classes and
+    the training recipe that shaped the saved state."""
+    return _jsonable({
+        "backbone": components.backbone.qualified_name,
+        "backbone_options": args.options["backbone"],
+        "head": components.head.qualified_name, "head_options": args.options["head"],
+        "input_size": list(built.data_config.input_size),
+        "classes": data.classes,
+        "dataset": components.dataset.qualified_name, "dataset_options": data.options,
+        "val_split": args.val_split, "seed": args.seed,
+        "loss": components.loss.qualified_name, "loss_options": args.options["loss"],
+        "optimizer": components.optimizer.qualified_name,
+        "optimizer_options": args.options["optimizer"],
+        "freeze": plan.freezing.initial, "unfreeze_at": args.unfreeze_at,
+        "feature_cache": plan.feature_cache,
+    })
+
+
+def make_trainer(args: FinetuneArgs, components: Components, data: Data, built: Built,
+                 plan: Plan, outputs: Outputs, session: Session, plugins: Any) -> Any:
+    from toolkit.train.trainer import Trainer
+
+    return Trainer(
+        built.model, plan.freezing, plan.loss_fn, plan.optimizer_factory, plan.train_set,
+        plan.val_set, len(data.classes), plan.config, session.device,
+        checkpoint=outputs.run.checkpoint,
+        run_identity=run_identity(args, components, data, built, plan), dist=session.dist,
+        on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
+        log=session.log)
+
+
+def training_record(args: FinetuneArgs, components: Components, data: Data, built: Built,
+                    plan: Plan, session: Session) -> dict[str, Any]:
+    """The ``training`` metadata: the arguments as given, and every default chosen."""
+    record = {k: v for k, v in asdict(args).items() if k != "options"}
+    record.update(
+        backbone=components.backbone.qualified_name, head=components.head.qualified_name,
+        loss=components.loss.qualified_name, optimizer=components.optimizer.qualified_name,
+        options=args.options, lr=plan.config.lr, lr_source=plan.lr_source,
+        backbone_lr_scale=plan.config.backbone_lr_scale,
+        frozen_groups=plan.freezing.initial, layer_groups=plan.freezing.n_groups,
+        device=str(session.device), precision=session.precision,
+        world_size=session.dist.world_size, dataset=components.dataset.qualified_name,
+        dataset_options=data.options, feature_cache=plan.feature_cache)
+    return _jsonable(record)
+
+
+def describe_run(components: Components, data: Data, built: Built, plan: Plan,
+                 session: Session) -> str:
+    backbone = built.backbone
+    return (f"fine-tuning {backbone.name} ({plan.freezing.n_groups} layer groups, "
+            f"{plan.freezing.initial} frozen, weights: {backbone.weights.source}) on "
+            f"{components.dataset.name}: {len(data.classes)} classes, {len(plan.train_set)} "
+            f"train / {len(plan.val_set)} val images at {built.data_config.input_size[1]}px, "
+            f"device {session.device}, precision {session.precision}, lr {plan.config.lr:g}")
+
+
+# -- save and artifacts ------------------------------------------------------------------------
+
+def save_model(args: FinetuneArgs, components: Components, data: Data, built: Built,
+               plan: Plan, result: Any, record: dict[str, Any], outputs: Outputs,
+               plugins: Any) -> tuple[Any, dict[str, Any]]:
+    """The best epoch's weights and everything inference needs, into the store (a fully
+    frozen backbone goes into a shared base)."""
+    from toolkit import __version__
+    from toolkit.model.assemble import ModelSpec
+
+    model = built.model
+    model.load_state_dict(result.best_state)
+    spec = ModelSpec(backbone=components.backbone.qualified_name,
+                     num_classes=len(data.classes), head=components.head.qualified_name,
+                     backbone_options=args.options["backbone"],
+                     head_options=args.options["head"])
+    metadata = {
+        "spec": spec.to_dict(),
+        "classes": data.classes,
+        "data_config": built.data_config.to_dict(),
+        "training": record,
+        "components": components.record(plugins),
+        "metrics": {"best_epoch": result.best_epoch, "best": result.best_metrics,
+                    "history": result.history, "confusion": result.confusion,
+                    "stopped_early": result.stopped_early},
+        "weights": built.backbone.weights.to_dict(),
+        "tk_version": __version__,
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fully_frozen = result.frozen_groups_end == plan.freezing.n_groups
+    # frozen tensors are kept once in the store (shared with the weights they came from)
+    shared = ["backbone."] if fully_frozen else [
+        k for k, p in model.named_parameters() if not p.requires_grad]
+    info = outputs.store.save(outputs.name, state, metadata, shared=shared,
+                              overwrite=args.overwrite or args.resume)
+    return info, metadata
+
+
+def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any
+                    ) -> dict[str, str]:
     from toolkit import plots
 
+    store, name = outputs.store, outputs.name
     out = {}
     try:
         curves = store.artifact_path(name, "curves.png")
-        plots.training_curves(history, curves)
+        plots.training_curves(result.history, curves)
         out["curves"] = str(curves)
         cm = store.artifact_path(name, "confusion.png")
-        plots.confusion_matrix(confusion, classes, cm)
+        plots.confusion_matrix(result.confusion, classes, cm)
         out["confusion"] = str(cm)
     except Exception as exc:  # a plot must never lose a trained model
         log(f"warning: could not draw the plots ({exc})")
     return out
-
-
-def _latest_run(run_root: Path) -> str:
-    runs = sorted((p for p in run_root.glob("*/checkpoint.safetensors")),
-                  key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise TkError(f"--resume: no interrupted run in {run_root}; pass --name NAME")
-    return runs[-1].parent.name
 
 
 def _jsonable(obj: Any) -> Any:
@@ -429,7 +507,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _logger(enabled: bool) -> Any:
+def _logger(enabled: bool) -> Callable[[str], None]:
     def log(msg: str) -> None:
         if enabled:
             print(msg, file=sys.stderr, flush=True)

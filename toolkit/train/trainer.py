@@ -1,10 +1,20 @@
-"""The training loop: epochs, mixed precision, freezing schedule, LR schedule, validation,
-early stopping, best-epoch tracking and resumable checkpoints. Works single-process and
-under torchrun (DDP); only rank 0 logs, shows progress and writes files."""
+"""The run around the epochs: set-up, resume, the freeze schedule, DDP, checkpoints, best
+model and early stopping. Each job has its own part:
+
+- :class:`toolkit.model.freezing.Freezing`: what is frozen when, and its resumable state;
+- :class:`toolkit.train.loop.Loop`: one training epoch, one evaluation pass;
+- :class:`toolkit.train.progress.Progress`: history, best epoch and weights, early stop;
+- :class:`Nets`: the modules an epoch runs (compiled once, DDP-wrapped in one place);
+- :mod:`toolkit.train.resume`: what a checkpoint holds, and restoring a run from one;
+- :mod:`toolkit.train.checkpoint`: storing and reading state faithfully;
+- :class:`Trainer`: the order of it all.
+
+Works single-process and under torchrun (DDP); only rank 0 logs, shows progress and
+writes files."""
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import sys
 import time
@@ -18,14 +28,14 @@ from torch import nn
 
 from toolkit import distributed as D
 from toolkit.data.loader import make_loader
-from toolkit.devices import autocast, grad_scaler, pin_memory, to_device
+from toolkit.devices import grad_scaler, pin_memory
 from toolkit.errors import TkError
-from toolkit.model.backbone import Backbone
-from toolkit.model.freezing import apply_freeze, frozen_at_epoch, set_train_mode
-from toolkit.train.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.model.freezing import Freezing
+from toolkit.train import resume as resume_mod
+from toolkit.train.checkpoint import save_checkpoint
+from toolkit.train.loop import Loop, Schedule, check_batch_norm
 from toolkit.train.optim import param_groups
-
-CHECKPOINT = "checkpoint.safetensors"
+from toolkit.train.progress import Progress
 
 
 @dataclass
@@ -34,8 +44,6 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
-    frozen_groups: int = 0  # leading backbone layer groups frozen at the start
-    unfreeze_at: int | None = None
     backbone_lr_scale: float = 1.0
     warmup_epochs: float = 1.0
     patience: int | None = None  # early stopping: epochs without val-accuracy improvement
@@ -44,15 +52,14 @@ class TrainConfig:
     compile: bool = False
     workers: int = 0
     seed: int = 0
-    grad_clip: float | None = None
     quiet: bool = False
 
 
 @dataclass
 class TrainResult:
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     best_epoch: int
-    best_metrics: dict[str, float]
+    best_metrics: dict[str, Any]
     best_state: dict[str, torch.Tensor]
     confusion: list[list[int]]
     stopped_early: bool = False
@@ -96,27 +103,38 @@ class SampleSeeded(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 1% of the peak."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class Nets:
+    """The modules an epoch runs: ``module`` (the classifier, or the head alone over
+    cached features) compiled once; for training wrapped in DDP under torchrun (rewrapped
+    around the same compiled module when the trainable set changes); evaluation runs the
+    compiled module unwrapped."""
+
+    def __init__(self, module: nn.Module, device: torch.device, dist: D.DistInfo, *,
+                 compile: bool, find_unused: bool):
+        self.device, self.dist = device, dist
+        self.eval: nn.Module = torch.compile(module) if compile else module
+        self.train: nn.Module = self.eval
+        self.wrap(find_unused)
+
+    def wrap(self, find_unused: bool = True) -> None:
+        if self.dist.enabled:
+            self.train = D.ddp(self.eval, self.device, find_unused=find_unused)
 
 
 class Trainer:
-    """Trains ``model`` (a toolkit.model.assemble Classifier over ``backbone``).
+    """Trains ``model`` (a toolkit.model.assemble Classifier) under ``freezing``.
 
     ``optimizer_factory(param_groups, lr, weight_decay) -> Optimizer`` comes from the
-    optimizer registry with its options bound. When ``features`` is given (frozen-backbone
-    feature cache), ``train_set``/``val_set`` hold precomputed features and only the head
-    runs.
+    optimizer registry with its options bound. With ``freezing.features_only``
+    (frozen-backbone feature cache), ``train_set``/``val_set`` hold precomputed features and
+    only the head runs. ``run_identity`` (JSON-able: model, data, classes) goes into every
+    checkpoint; a resume whose identity differs is refused.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        backbone: Backbone,
+        freezing: Freezing,
         loss_fn: nn.Module,
         optimizer_factory: Callable[..., torch.optim.Optimizer],
         train_set: torch.utils.data.Dataset,
@@ -124,30 +142,72 @@ class Trainer:
         num_classes: int,
         config: TrainConfig,
         device: torch.device,
-        run_dir: Path | None = None,
+        *,
+        checkpoint: Path | None = None,
+        run_identity: dict[str, Any] | None = None,
         dist: D.DistInfo | None = None,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-        head_only: bool = False,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        self.model, self.backbone, self.loss_fn = model, backbone, loss_fn.to(device)
+        self.model, self.freezing = model, freezing
         self.optimizer_factory = optimizer_factory
         self.train_set, self.val_set = train_set, val_set
         self.num_classes, self.cfg, self.device = num_classes, config, device
-        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+        self.identity = json.loads(json.dumps(run_identity or {}, default=str))
         self.dist = dist or D.DistInfo()
         self.on_epoch_end = on_epoch_end
-        self.head_only = head_only
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.n_groups = len(backbone.layer_groups)
+        self.features_only = freezing.features_only
+        self.loop = Loop(loss_fn.to(device), num_classes, device, config.precision,
+                         config.channels_last and not self.features_only, self.dist,
+                         config.epochs, quiet=config.quiet)
 
-    # -- set-up ------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------
+    def fit(self, resume: bool = False, saved: dict[str, Any] | None = None) -> TrainResult:
+        """Train (continuing from ``saved``, the checkpoint rank 0 read with
+        :meth:`read_checkpoint`, when ``resume``); the best epoch's weights and metrics."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.model.to(self.device)
+        if self.loop.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        train_loader = self._loader(self.train_set, train=True)
+        val_loader = self._loader(self.val_set, train=False)
+        if len(train_loader) == 0:
+            raise TkError("the training set is empty after the split")
+        schedule = Schedule.make(cfg.lr, len(train_loader), cfg.epochs, cfg.warmup_epochs)
+        opt, scaler, progress = self._start(resume, saved)
+        nets = Nets(self._trainable(), self.device, self.dist, compile=cfg.compile,
+                    find_unused=bool(self.freezing.unfreeze_at))
+
+        stopped_early = False
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            self._thaw(epoch, opt, nets)
+            metrics, confusion = self._epoch(epoch, nets, train_loader, val_loader, opt,
+                                             scaler, schedule, first_resumed=resume and
+                                             epoch == progress.epoch + 1)
+            improved = progress.record(epoch, metrics, confusion, self.model)
+            self._end_epoch(progress, metrics, improved, opt, scaler)
+            if progress.should_stop(cfg.patience, cfg.epochs):
+                if self.dist.is_main:
+                    self.log(f"early stopping: no val-accuracy gain for {cfg.patience} epochs")
+                stopped_early = True
+                break
+        assert progress.best_state is not None and progress.best_confusion is not None
+        return TrainResult(history=progress.history, best_epoch=progress.best_epoch,
+                           best_metrics=progress.best_metrics, best_state=progress.best_state,
+                           confusion=progress.best_confusion, stopped_early=stopped_early,
+                           frozen_groups_end=self.freezing.frozen)
+
+    def _trainable(self) -> nn.Module:
+        return self.model.head if self.features_only else self.model
+
     def _loader(self, dataset: Any, train: bool) -> torch.utils.data.DataLoader:
-        workers = 0 if self.head_only else self.cfg.workers
         # training samples carry their epoch: each one's augmentation is seeded by
         # (seed, epoch, index), whichever worker draws it, so workers can stay alive across
         # epochs and a resumed run still repeats exactly
-        seeded = train and not self.head_only
+        seeded = train and not self.features_only
         sampler = D.EpochSampler(len(dataset), seed=self.cfg.seed, shuffle=train,
                                  rank=self.dist.rank, world_size=self.dist.world_size, pad=train,
                                  with_epoch=seeded)
@@ -155,25 +215,19 @@ class Trainer:
             SampleSeeded(dataset, self.cfg.seed) if seeded else dataset,
             self.cfg.batch_size,
             shuffle=False,  # the sampler shuffles
-            workers=workers,
+            workers=0 if self.features_only else self.cfg.workers,
             seed=self.cfg.seed,
             pin_memory=pin_memory(self.device),
             drop_last=train and len(sampler) > self.cfg.batch_size,
             sampler=sampler,
         )
 
-    def _trainable(self) -> nn.Module:
-        return self.model.head if self.head_only else self.model
+    def _new_groups(self, only: set[int] | None = None) -> list[dict[str, Any]]:
+        return param_groups(self.model, self.cfg.lr, self.cfg.weight_decay,
+                            self.cfg.backbone_lr_scale, only=only)
 
-    def _frozen(self, epoch: int) -> int:
-        if self.head_only:
-            return self.n_groups
-        return frozen_at_epoch(self.cfg.frozen_groups, epoch, self.cfg.unfreeze_at)
-
-    def _build_optimizer(self, n_frozen: int) -> torch.optim.Optimizer:
-        apply_freeze(self.backbone, n_frozen)
-        groups = param_groups(self.model, self.cfg.lr, self.cfg.weight_decay,
-                              self.cfg.backbone_lr_scale)
+    def _optimizer(self) -> torch.optim.Optimizer:
+        groups = self._new_groups()
         if not groups:
             raise TkError("nothing to train: every parameter is frozen")
         opt = self.optimizer_factory(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -182,252 +236,87 @@ class Trainer:
                           "not a torch.optim.Optimizer")
         return opt
 
-    def _unfreeze(self, opt: torch.optim.Optimizer, n_from: int, n_to: int) -> None:
-        """Unfreeze groups ``n_to..n_from-1`` and add their parameters to the optimizer."""
-        before = {id(p) for g in opt.param_groups for p in g["params"]}
-        apply_freeze(self.backbone, n_to)
-        new = {id(p) for p in self.model.parameters() if p.requires_grad} - before
-        for group in param_groups(self.model, self.cfg.lr, self.cfg.weight_decay,
-                                  self.cfg.backbone_lr_scale, only=new):
-            opt.add_param_group(group)
-        if self.dist.is_main and n_to != n_from:
-            self.log(f"unfroze backbone layer groups {n_to + 1}..{n_from} "
-                     f"({n_to} of {self.n_groups} still frozen)")
+    def _thaw(self, epoch: int, opt: torch.optim.Optimizer, nets: Nets) -> None:
+        before = self.freezing.frozen
+        if self.freezing.thaw(epoch, opt, self._new_groups):
+            nets.wrap(find_unused=True)  # the trainable set changed
+            if self.dist.is_main:
+                self.log(self.freezing.describe_thaw(before))
 
-    # -- one epoch ---------------------------------------------------------------------
-    def _set_lr(self, opt: torch.optim.Optimizer, step: int, total: int, warmup: int) -> float:
-        f = lr_factor(step, total, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g.get("initial_lr", g["lr"]) * f
-        return self.cfg.lr * f
-
-    def _train_epoch(self, net: nn.Module, loader: Any, opt: torch.optim.Optimizer,
-                     scaler: Any, epoch: int, step0: int, total: int, warmup: int
-                     ) -> tuple[dict[str, float], int]:
-        from tqdm import tqdm
-
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen = 0
-        lr = self.cfg.lr
+    def _epoch(self, epoch: int, nets: Nets, train_loader: Any, val_loader: Any,
+               opt: torch.optim.Optimizer, scaler: Any, schedule: Schedule,
+               first_resumed: bool) -> tuple[dict[str, Any], torch.Tensor]:
+        seed_everything(self.cfg.seed * 1000 + epoch)  # augmentation / dropout per epoch
+        train_loader.sampler.set_epoch(epoch)
+        self.freezing.train_mode(self.model)
+        check_batch_norm(self.model, train_loader)
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
-                   file=sys.stderr, leave=False, dynamic_ncols=True,
-                   disable=self.cfg.quiet or not self.dist.is_main)
-        step = step0
-        for i, (x, y) in enumerate(bar):
-            lr = self._set_lr(opt, step, total, warmup)
-            x = to_device(x, self.device, self.cfg.channels_last and not self.head_only)
-            y = to_device(y, self.device)
-            with autocast(self.device, self.cfg.precision):
-                logits = net(x)
-            loss = self.loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if self.cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            n = y.shape[0]
-            seen += n
-            loss_sum += loss.detach().double() * n
-            correct += (logits.detach().argmax(1) == y).sum()
-            if i % 16 == 15 or i + 1 == len(loader):  # one device sync per 16 steps
-                if not torch.isfinite(loss_sum):
-                    raise TkError(f"the loss became {loss_sum.item()} in epoch {epoch} (by step "
-                                  f"{i + 1}): lower --lr, or use --precision 32")
-            if i % 10 == 0 and bar.n is not None and not bar.disable:
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen * self.dist.world_size / max(elapsed, 1e-9):.0f}")
-        bar.close()
-        totals = D.all_reduce_sum(torch.stack([loss_sum, correct.double(),
-                                               torch.tensor(float(seen), dtype=torch.float64,
-                                                            device=self.device)]))
-        elapsed = time.perf_counter() - t0
-        n_all = max(1.0, totals[2].item())
-        return {
-            "train_loss": totals[0].item() / n_all,
-            "train_acc": totals[1].item() / n_all,
-            "lr": lr,
-            "images_per_s": n_all / max(elapsed, 1e-9),
-        }, step
-
-    @torch.inference_mode()
-    def evaluate(self, net: nn.Module, loader: Any) -> tuple[dict[str, float], torch.Tensor]:
-        """Loss, top-1 (and top-5 with more than 5 classes) and the confusion matrix over the
-        whole validation set (summed across ranks; every sample counted once)."""
-        net.eval()
-        c = self.num_classes
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        top5 = torch.zeros((), dtype=torch.int64, device=self.device)
-        confusion = torch.zeros(c * c, dtype=torch.int64, device=self.device)
-        for x, y in loader:
-            x = to_device(x, self.device, self.cfg.channels_last and not self.head_only)
-            y = to_device(y, self.device)
-            with autocast(self.device, self.cfg.precision):
-                logits = net(x)
-            logits = logits.float()
-            loss_sum += self.loss_fn(logits, y).double() * y.shape[0]
-            pred = logits.argmax(1)
-            confusion += torch.bincount(y * c + pred, minlength=c * c)
-            if c > 5:
-                top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-        packed = D.all_reduce_sum(torch.cat([confusion.double(), loss_sum[None],
-                                             top5.double()[None]]))
-        confusion = packed[: c * c].round().long().view(c, c).cpu()
-        n = max(1, int(confusion.sum()))
-        metrics = {
-            "val_loss": packed[c * c].item() / n,
-            "val_acc": confusion.diag().sum().item() / n,
-            "val_samples": float(n),
-        }
-        if c > 5:
-            metrics["val_top5"] = packed[c * c + 1].item() / n
+        try:
+            train_metrics = self.loop.train_epoch(nets.train, train_loader, opt, scaler,
+                                                  schedule, epoch)
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            if not first_resumed:
+                raise
+            # a checkpoint's optimizer state is only fully checked by using it
+            why = " ".join(str(exc).split())[:200]
+            raise TkError(f"--resume: the optimizer state in {self.checkpoint} does not fit "
+                          f"this run ({why}); start again without --resume") from None
+        val_metrics, confusion = self.loop.evaluate(nets.eval, val_loader, epoch)
+        metrics = {"epoch": epoch, **train_metrics, **val_metrics,
+                   "epoch_time": time.perf_counter() - t0}
         return metrics, confusion
 
-    # -- the run -----------------------------------------------------------------------
-    def _checkpoint_path(self) -> Path | None:
-        return self.run_dir / CHECKPOINT if self.run_dir else None
+    def _end_epoch(self, progress: Progress, metrics: dict[str, Any], improved: bool,
+                   opt: torch.optim.Optimizer, scaler: Any) -> None:
+        if self.dist.is_main:
+            self._report(metrics, improved)
+            if self.on_epoch_end:
+                self.on_epoch_end(metrics["epoch"], metrics)
+            if self.checkpoint is not None:
+                self._save_checkpoint(progress, opt, scaler)
+        D.barrier()
 
-    def fit(self, resume: bool = False) -> TrainResult:
-        cfg = self.cfg
-        seed_everything(cfg.seed)
-        self.model.to(self.device)
-        if cfg.channels_last and not self.head_only:
-            self.model.to(memory_format=torch.channels_last)
-        train_loader = self._loader(self.train_set, train=True)
-        val_loader = self._loader(self.val_set, train=False)
-        steps_per_epoch = len(train_loader)
-        if steps_per_epoch == 0:
-            raise TkError("the training set is empty after the split")
-        total = steps_per_epoch * cfg.epochs
-        warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
-
-        state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0,
-                                 "best_state": None, "best_confusion": None, "since_best": 0}
-        ckpt = self._checkpoint_path()
-        n_frozen = self._frozen(1)
-        start = 1
-        if resume:
-            # rank 0 wrote the checkpoint; it reads it and hands it to the other ranks (their
-            # nodes may not share its disk)
-            saved = None
-            if self.dist.is_main:
-                if ckpt is None or not ckpt.exists():
-                    raise TkError(f"--resume: no checkpoint in {self.run_dir}")
-                saved = load_checkpoint(ckpt)
-            saved = D.broadcast_object(saved)
-            state = saved["state"]
-            start = int(state["epoch"]) + 1
-            n_frozen = self._frozen(1)  # replay the freeze schedule up to the saved epoch
-        opt = self._build_optimizer(n_frozen)
-        for e in range(2, start):
-            n_next = self._frozen(e)
-            if n_next < n_frozen:
-                self._unfreeze(opt, n_frozen, n_next)
-                n_frozen = n_next
-        if resume:
-            try:
-                self.model.load_state_dict(saved["model"])
-                opt.load_state_dict(saved["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                why = " ".join(str(exc).split())[:200]
-                raise TkError(f"--resume: the checkpoint in {self.run_dir} was made with other "
-                              "settings (backbone, head, classes, freezing or optimizer); resume "
-                              f"with the original command ({why})") from None
-            if self.dist.is_main:
-                self.log(f"resuming after epoch {start - 1} of {cfg.epochs} from {ckpt}")
-        scaler = grad_scaler(self.device, cfg.precision)
-        if resume and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-
-        net: nn.Module = self._trainable()
-        if cfg.compile:
-            net = torch.compile(net)
-        eval_net = net  # evaluation runs on the unwrapped module
-        if self.dist.enabled:
-            ddp_kwargs: dict[str, Any] = {}
-            if self.device.type == "cuda":
-                ddp_kwargs["device_ids"] = [self.device.index]
-            # gradual unfreezing changes the trainable set between epochs
-            ddp_kwargs["find_unused_parameters"] = bool(cfg.unfreeze_at)
-            ddp = nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
-            net = ddp
-
-        stopped_early = False
-        for epoch in range(start, cfg.epochs + 1):
-            n_next = self._frozen(epoch)
-            if n_next < n_frozen:
-                self._unfreeze(opt, n_frozen, n_next)
-                n_frozen = n_next
-                if self.dist.enabled:  # the trainable set changed: rewrap
-                    net = nn.parallel.DistributedDataParallel(
-                        self._trainable(), find_unused_parameters=True,
-                        **({"device_ids": [self.device.index]}
-                           if self.device.type == "cuda" else {}))
-            seed_everything(cfg.seed * 1000 + epoch)  # augmentation / dropout per epoch
-            train_loader.sampler.set_epoch(epoch)
-            if self.head_only:
-                net.train()
-            else:
-                set_train_mode(self.model, self.backbone, n_frozen)
-            t0 = time.perf_counter()
-            train_metrics, _ = self._train_epoch(net, train_loader, opt, scaler, epoch,
-                                                 (epoch - 1) * steps_per_epoch, total, warmup)
-            val_metrics, confusion = self.evaluate(eval_net, val_loader)
-            metrics = {"epoch": float(epoch), **train_metrics, **val_metrics,
-                       "epoch_time": time.perf_counter() - t0}
-            state["history"].append(metrics)
-            improved = metrics["val_acc"] > state["best_acc"]
-            if improved:
-                state.update(best_epoch=epoch, best_acc=metrics["val_acc"], since_best=0,
-                             best_state={k: v.detach().to("cpu", copy=True)
-                                         for k, v in self.model.state_dict().items()},
-                             best_confusion=confusion.tolist())
-            else:
-                state["since_best"] += 1
-            state["epoch"] = epoch
-            if self.dist.is_main:
-                self._report(metrics, improved)
-                if self.on_epoch_end:
-                    self.on_epoch_end(epoch, metrics)
-                if ckpt is not None:
-                    save_checkpoint(ckpt, {
-                        "state": state,
-                        "model": self.model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    })
-            D.barrier()
-            if cfg.patience and state["since_best"] >= cfg.patience and epoch < cfg.epochs:
-                if self.dist.is_main:
-                    self.log(f"early stopping: no val-accuracy gain for {cfg.patience} epochs")
-                stopped_early = True
-                break
-
-        best_metrics = state["history"][state["best_epoch"] - 1]
-        return TrainResult(
-            history=state["history"],
-            best_epoch=state["best_epoch"],
-            best_metrics=best_metrics,
-            best_state=state["best_state"],
-            confusion=state["best_confusion"],
-            stopped_early=stopped_early,
-            frozen_groups_end=n_frozen,
-        )
-
-    def _report(self, m: dict[str, float], improved: bool) -> None:
+    def _report(self, m: dict[str, Any], improved: bool) -> None:
         if self.cfg.quiet:
             return
         top5 = f" top5 {m['val_top5']:.3f}" if "val_top5" in m else ""
         self.log(
-            f"epoch {int(m['epoch'])}/{self.cfg.epochs}  train loss {m['train_loss']:.4f} "
+            f"epoch {m['epoch']}/{self.cfg.epochs}  train loss {m['train_loss']:.4f} "
             f"acc {m['train_acc']:.3f}  val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}"
             f"{top5}  {m['images_per_s']:.0f} img/s  {m['epoch_time']:.1f}s"
             + ("  *" if improved else "")
         )
 
+    # -- checkpoints -------------------------------------------------------------------
+    def _save_checkpoint(self, progress: Progress, opt: torch.optim.Optimizer,
+                         scaler: Any) -> None:
+        assert self.checkpoint is not None
+        save_checkpoint(self.checkpoint, resume_mod.pack(
+            identity=self.identity, progress=progress, freezing=self.freezing,
+            model=self.model, optimizer=opt, scaler=scaler))
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The run's checkpoint (rank 0), its format and identity checked: a resume with
+        other data, classes or model is refused here, before anything is trained."""
+        return resume_mod.read(self.checkpoint, self.identity)
+
+    def _start(self, resume: bool, saved: dict[str, Any] | None
+               ) -> tuple[torch.optim.Optimizer, Any, Progress]:
+        """A fresh optimizer, grad scaler and progress; on resume, loaded from ``saved``
+        (which rank 0 read and hands to the other ranks: their nodes may not share its
+        disk), every part checked before the run continues."""
+        self.freezing.freeze_before_training()
+        opt = self._optimizer()
+        scaler = grad_scaler(self.device, self.cfg.precision)
+        if not resume:
+            return opt, scaler, Progress()
+        saved = D.broadcast_object(saved if self.dist.is_main else None)
+        assert saved is not None
+        progress = resume_mod.restore(
+            saved, where=self.checkpoint, model=self.model, freezing=self.freezing,
+            optimizer=opt, scaler=scaler, new_groups=self._new_groups,
+            epochs=self.cfg.epochs, num_classes=self.num_classes)
+        if self.dist.is_main:
+            self.log(f"resuming after epoch {progress.epoch} of {self.cfg.epochs} from "
+                     f"{self.checkpoint}")
+        return opt, scaler, progress

@@ -13,9 +13,11 @@ import pytest
 import tk_textures.plugin
 import torch
 from tk_textures.backbone import WEIGHTS_FILE
+from tk_textures.manifest import write_manifest
+from tk_textures.patterns import texture_image
 from torch.nn import functional as F
 
-from toolkit.errors import TkError
+from toolkit.errors import DataError, TkError, WeightsNotFoundError
 from toolkit.testing import fresh_plugins, run_tk, tiny_finetune
 
 NAMES = {"backbones": "texture-cnn", "heads": "cosine", "losses": "poly1",
@@ -29,14 +31,17 @@ def plugins():
 
 
 def build(plugins, kind, *args, **options):
-    return plugins.registry(kind).build(f"textures:{NAMES[kind]}", *args, **options)
+    name = "json-manifest" if kind == "datasets" and "path" in options else NAMES[kind]
+    return plugins.registry(kind).build(f"textures:{name}", *args, **options)
 
 
 def test_registers_one_component_of_each_kind(plugins):
     for kind, name in NAMES.items():
         component = plugins.registry(kind).resolve(name)
         assert component.owner == "textures" and component.info["description"]
-    assert not [r.error for r in plugins.errors() if not r.builtin]
+    assert plugins.registry("datasets").resolve("json-manifest").owner == "textures"
+    assert plugins.registry("optimizers").resolve("lion").default_lr == 1e-4
+    assert not [r for r in plugins.records.values() if r.error or r.problems]
 
 
 def test_backbone_keeps_the_contract(plugins):
@@ -72,6 +77,8 @@ def test_pretrained_uses_the_shipped_weights_or_a_given_file(plugins, tmp_path):
 
     with pytest.raises(TkError, match="width=16 only"):
         build(plugins, "backbones", True, width=8)
+    with pytest.raises(TkError, match="does not exist|not found"):
+        build(plugins, "backbones", str(tmp_path / "missing.safetensors"))
     with pytest.raises(TkError, match="does not fit width=8"):
         build(plugins, "backbones", str(as_safetensors), width=8)
 
@@ -122,16 +129,82 @@ def test_dataset_is_generated_deterministic_and_stratified(plugins):
     with pytest.raises(TkError, match="between 2 and 6"):
         build(plugins, "datasets", num_classes=7)
     with pytest.raises(TkError, match="takes no --data"):
-        build(plugins, "datasets", path="images/")
+        plugins.registry("datasets").build("textures:textures", path="images/")
+
+
+def test_missing_shipped_weights_say_what_was_tried(plugins, monkeypatch, tmp_path):
+    import tk_textures.backbone
+
+    gone = tmp_path / "texture_cnn_w16.safetensors"
+    monkeypatch.setattr(tk_textures.backbone, "WEIGHTS_FILE", gone)
+    with pytest.raises(WeightsNotFoundError) as err:
+        build(plugins, "backbones", True)
+    assert err.value.tried == [f"the weights shipped with tk-plugin-textures {gone}: not there"]
+    assert "download" not in str(err.value)
 
 
 def test_preview_command_writes_an_image_folder(tmp_path):
     out = tmp_path / "out"
     proc = run_tk("textures-preview", str(out), "--classes", "2", "--per-class", "3",
-                  home=tmp_path)
+                  "--manifest", home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.parent.name for p in out.rglob("*.png")) == ["stripes-h"] * 3 + [
         "stripes-v"] * 3
+    listed = json.loads((out / "manifest.json").read_text())["images"]
+    assert {(e["path"], e["label"]) for e in listed} == {
+        (p.relative_to(out).as_posix(), p.parent.name) for p in out.rglob("*.png")}
+
+
+def _manifest(root, labels=("stripes-h", "stripes-v"), per_class=4):
+    files = []
+    for label, name in enumerate(labels):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            file = root / name / f"{i}.png"
+            texture_image(label, i, 24, 0).save(file)
+            files.append((file, name))
+    return write_manifest(root, files)
+
+
+def test_json_manifest_is_claimed_for_json_files_only(plugins, tmp_path):
+    manifest = _manifest(tmp_path)
+    assert plugins.dataset_for_path(str(manifest)) == "json-manifest"
+    assert plugins.dataset_for_path(str(tmp_path)) == "imagefolder"  # a folder: the built-in
+    assert plugins.dataset_for_path(str(tmp_path / "list.csv")) == "csv"
+
+
+def test_json_manifest_reads_and_splits(plugins, tmp_path):
+    manifest = _manifest(tmp_path)
+    source = build(plugins, "datasets", path=str(manifest))
+    assert source.classes == ["stripes-h", "stripes-v"]
+    assert len(source.samples) == 8 and all(p.endswith(".png") for p, _ in source.samples)
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32))  # noqa: E731
+    train, val = source.splits(to_tensor, to_tensor, val_split=0.25, seed=0)
+    assert (len(train), len(val)) == (6, 2) and sorted(y for _, y in val) == [0, 1]
+    assert val[0][0].shape == (24, 24, 3)
+
+    data = json.loads(manifest.read_text())
+    for i, entry in enumerate(data["images"]):
+        entry["split"] = "val" if i % 4 == 0 else "train"
+    manifest.write_text(json.dumps(data))
+    train, val = build(plugins, "datasets", path=str(manifest)).splits(
+        to_tensor, to_tensor, val_split=0.5, seed=0)
+    assert (len(train), len(val)) == (6, 2)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("not json", "not readable JSON"),
+    ('{"images": []}', 'needs a non-empty list "images"'),
+    ('{"images": [{"path": "../x.png", "label": "a"}]}', "outside the manifest's folder"),
+    ('{"images": [{"path": "nope.png", "label": "a"}]}', "does not exist"),
+    ('{"classes": ["b"], "images": [{"path": "x.png", "label": "a"}]}', "not one of"),
+    ('{"images": [{"path": "x.png"}]}', 'needs "path" and "label"'),
+])
+def test_json_manifest_mistakes_are_one_line(plugins, tmp_path, content, problem):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(content)
+    with pytest.raises(DataError, match=f"^manifest {manifest}: .*{problem}"):
+        build(plugins, "datasets", path=str(manifest))
 
 
 def test_a_tiny_finetune_uses_every_component_and_the_observer(tmp_path):

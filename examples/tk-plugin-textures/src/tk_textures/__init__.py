@@ -5,4 +5,4 @@ live in their own modules and import torch only when they are built, so installi
 plugin does not slow down ``tk --help``.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

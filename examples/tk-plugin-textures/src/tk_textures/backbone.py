@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from toolkit.errors import TkError, WeightsNotFoundError
+from toolkit.errors import TkError
 from toolkit.model.backbone import Backbone, DataConfig, WeightsInfo
+from toolkit.model.weights import local_file, resolve_pretrained
 
 NAME = "texture-cnn"
 PRETRAINED_WIDTH = 16
@@ -95,17 +96,19 @@ def texture_cnn(pretrained: Any = False, width: int = PRETRAINED_WIDTH) -> Backb
         raise TkError(f"backbone '{NAME}': width must be positive, got {width}")
     module = TextureCNN(int(width))
     weights = WeightsInfo("random")
+    path = None
     if pretrained is True:
         if int(width) != PRETRAINED_WIDTH:
             raise TkError(f"backbone '{NAME}': pretrained weights exist for width="
                           f"{PRETRAINED_WIDTH} only; pass --no-pretrained for width={width}")
-        if not WEIGHTS_FILE.is_file():  # a broken install: say what is missing and where
-            raise WeightsNotFoundError(NAME, WEIGHTS_FILE.name, None, [str(WEIGHTS_DIR)])
-        path, source, tag = WEIGHTS_FILE, "package", PRETRAINED_TAG
+        # tk's one resolver: it tries the sources in order and, when none has the file,
+        # raises WeightsNotFoundError saying exactly what it tried (here: no download)
+        path, weights = resolve_pretrained(f"textures:{NAME}", [
+            local_file("package", WEIGHTS_FILE, f"the weights shipped with tk-plugin-textures "
+                                                f"{WEIGHTS_FILE}")],
+            filename=WEIGHTS_FILE.name, tag=PRETRAINED_TAG)
     elif pretrained:
-        path, source, tag = Path(pretrained), "file", None
-    else:
-        path = None
+        path = Path(pretrained)
     if path is not None:
         state = read_state_dict(path)
         try:
@@ -114,7 +117,8 @@ def texture_cnn(pretrained: Any = False, width: int = PRETRAINED_WIDTH) -> Backb
             first = str(exc).strip().splitlines()[0]
             raise TkError(f"backbone '{NAME}': {path} does not fit width={width} ({first})"
                           ) from None
-        weights = WeightsInfo(source, sha256=sha256_of(path), file=str(path), tag=tag)
+        if pretrained is not True:  # the user's file: record which one, by its sha256
+            weights = WeightsInfo("file", sha256=sha256_of(path), file=str(path))
     return Backbone(
         module=module,
         num_features=module.num_features,

@@ -23,14 +23,22 @@ from tk_textures.patterns import MAX_CLASSES
               help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Same seed, same images.")
-def preview(out: Path, num_classes: int, per_class: int, size: int, seed: int) -> None:
+@click.option("--manifest", is_flag=True,
+              help="Also write OUT/manifest.json (for tk finetune --data OUT/manifest.json).")
+def preview(out: Path, num_classes: int, per_class: int, size: int, seed: int,
+            manifest: bool) -> None:
     """Write sample textures as PNG files into OUT/<class>/ (from the textures plugin)."""
+    from tk_textures.manifest import write_manifest
     from tk_textures.patterns import class_names, texture_image
 
+    files = []
     for label, name in enumerate(class_names(num_classes)):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(per_class):
-            texture_image(label, index, size, seed).save(folder / f"{name}-{index:04d}.png")
-    click.echo(f"wrote {num_classes * per_class} images of {num_classes} classes to {out}",
-               err=True)
+            file = folder / f"{name}-{index:04d}.png"
+            texture_image(label, index, size, seed).save(file)
+            files.append((file, name))
+    listed = f" and {write_manifest(out, files)}" if manifest else ""
+    click.echo(f"wrote {num_classes * per_class} images of {num_classes} classes to {out}"
+               f"{listed}", err=True)

@@ -50,6 +50,16 @@ def _dataset(num_classes: int | None = None, per_class: int = 48, size: int = 40
                             seed=seed, path=path)
 
 
+def _manifest(path: str | None = None) -> Any:
+    from toolkit.errors import DataError
+
+    if path is None:
+        raise DataError("dataset 'json-manifest' reads a file: pass --data FILE.json")
+    from tk_textures.manifest import JsonManifest  # json only: no torch until splits()
+
+    return JsonManifest(path)
+
+
 # -- registration hooks ----------------------------------------------------------------------
 @hookimpl
 def tk_register_backbones(register: Any) -> None:
@@ -71,14 +81,26 @@ def tk_register_losses(register: Any) -> None:
 
 @hookimpl
 def tk_register_optimizers(register: Any) -> None:
-    register("lion", _optimizer,
-             description="Lion, sign-momentum; use a 3-10x smaller lr (options: beta1, beta2)")
+    # Lion wants a 3-10x smaller learning rate than AdamW: tk uses default_lr when the
+    # user gives no --lr
+    register("lion", _optimizer, default_lr=1e-4,
+             description="Lion, sign-momentum (options: beta1, beta2)")
 
 
 @hookimpl
 def tk_register_datasets(register: Any) -> None:
     register("textures", _dataset,
              description="generated textures, 2-6 classes (options: per_class=48, size=40)")
+    register("json-manifest", _manifest,
+             description="images listed in a JSON manifest (tk finetune --data FILE.json)")
+
+
+@hookimpl
+def tk_dataset_for_path(path: str) -> str | None:
+    # asked for every --data PATH before the built-ins: claim only our own format, by name
+    from tk_textures.manifest import claims
+
+    return "json-manifest" if claims(path) else None
 
 
 @hookimpl
