@@ -112,26 +112,11 @@ def check_output_target(output: str) -> None:
         raise TkError(f"-o {output}: {parent} is not writable")
 
 
-def store_owns(store: ModelStore, path: str) -> bool:
-    """Whether ``path`` is (or, through links, reaches) a file of ``store``.
-    ``ModelStore.owns`` decides when the store has it; until then, anything under the
-    store's folder after resolving links."""
-    owns = getattr(store, "owns", None)
-    if owns is not None:
-        return bool(owns(path))
-    root = os.path.realpath(store.root)
-    real = os.path.realpath(path)
-    try:
-        return os.path.commonpath([root, real]) == root
-    except ValueError:  # different drives
-        return False
-
-
 def check_output_is_not_an_input(output: str, paths: Sequence[str], store: ModelStore,
                                  model_file: str | None = None) -> None:
     """Refuse (one line, before any work) an ``-o`` that is one of the inputs, a file of
     the model store, or reaches one of them through a link (resolved path and inode)."""
-    if store_owns(store, output):
+    if store.owns(output):
         raise TkError(f"-o {output}: is inside the model store {store.root}; writing there "
                       "would damage it (choose a file elsewhere)")
     try:
