@@ -11,7 +11,9 @@ same batch size and the same number of decoding workers:
 - tk, Python API: ``toolkit.predict.runner.predict`` (default ``pil`` decoder: exact eval
   transform), and again with ``decode="draft"`` (reduced-size JPEG decoding);
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
-  end (its wall time includes starting Python, importing torch and loading the model).
+  end (its wall time includes starting Python, importing torch and loading the model);
+- tk's decoding workers alone (:func:`toolkit.data.batches.iter_batches`: decode, resize,
+  crop to ``uint8`` batches, no model): the rate the data side can feed any runtime.
 
 The folder holds photo-like images (gradients, shapes and noise, JPEG quality 90) made on
 the first run, or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
@@ -20,6 +22,7 @@ store, or ``--model NAME`` from ``--store``.
 
     python benchmarks/bench_infer.py                     # 200 images 1024x768, ~2-3 min
     python benchmarks/bench_infer.py --images 64 --size 640x480 --batch-size 16
+    python benchmarks/bench_infer.py --image-size 64      # a 64 px model: decoding-bound
 
 Timings cover the whole pass (loader start-up included, after one warm-up forward); each
 pipeline runs ``--repeat`` times in rotating order and its best pass counts (the machine
@@ -73,7 +76,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> N
         img.save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def save_random_resnet18(store_dir: Path) -> str:
+def save_random_resnet18(store_dir: Path, image_size: int | None = None) -> str:
     import torch
 
     from model_store import ModelStore
@@ -85,8 +88,11 @@ def save_random_resnet18(store_dir: Path) -> str:
     torch.manual_seed(0)
     spec = ModelSpec(qualified, 10)
     model, backbone = build_classifier(plugins, spec, pretrained=False)
+    data_config = backbone.data_config
+    if image_size:
+        data_config = data_config.with_image_size(image_size)
     meta = {"spec": spec.to_dict(), "classes": [f"class{i}" for i in range(10)],
-            "data_config": backbone.data_config.to_dict(),
+            "data_config": data_config.to_dict(),
             "training": {"note": "random weights for benchmarks/bench_infer.py"},
             "metrics": {}, "weights": backbone.weights.to_dict()}
     ModelStore(store_dir).save("bench-resnet18", model, meta, overwrite=True)
@@ -107,6 +113,8 @@ def main() -> None:
     ap.add_argument("--size", default="1024x768", help="generated image size WxH")
     ap.add_argument("--images-dir", type=Path, help="use this folder of JPEGs instead")
     ap.add_argument("--model", help="stored model (default: random resnet18, temp store)")
+    ap.add_argument("--image-size", type=int,
+                    help="input size of the random resnet18 (default: its 224)")
     ap.add_argument("--store", type=Path, help="store of --model")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=default_workers())
@@ -140,7 +148,7 @@ def main() -> None:
         store_dir, name = opts.store, opts.model
     else:
         store_dir = tmp / "store"
-        name = save_random_resnet18(store_dir)
+        name = save_random_resnet18(store_dir, opts.image_size)
     plugins = load_plugins()
     device = resolve_device(opts.device)
     loaded = load_model(name, store_dir, plugins=plugins, device=device)
@@ -201,6 +209,15 @@ def main() -> None:
         if own:  # the CLI's own figure: from its first batch to its last row
             cli_own.append(n / float(own.group(1)))
 
+    def decoding_only() -> None:
+        """tk's decoding workers alone (decode, resize, crop to uint8 batches; no model)."""
+        from toolkit.data.batches import Preparer, iter_batches
+
+        paths = sorted(files)
+        for _ in iter_batches(paths, range(n), Preparer(transform, "pil"), batch_size=bs,
+                              workers=workers):
+            pass
+
     pipelines = {
         "raw forward (tensors in memory)": raw,
         "tutorial loop (ImageFolder + PIL + DataLoader)": tutorial,
@@ -209,6 +226,12 @@ def main() -> None:
     }
     if not opts.skip_cli:
         pipelines["tk infer, CLI end to end (process start included)"] = cli
+    try:
+        import toolkit.data.batches  # noqa: F401  (an older tk had DataLoader workers)
+
+        pipelines["tk decoding workers alone (no model; not a pipeline)"] = decoding_only
+    except ImportError:
+        pass
     best: dict[str, float] = {}
     outputs: dict[str, object] = {}
     labels = list(pipelines)

@@ -118,51 +118,27 @@ class FileListSource:
         return f"FileListSource({self.description}, {len(self.classes)} classes)"
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
 def _class_dirs(root: Path) -> list[str]:
+    from toolkit.data.listing import class_folders
+
     try:
-        entries = sorted(e.name for e in os.scandir(root) if _visible(e.name) and e.is_dir())
-    except OSError as exc:
-        raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
-    return entries
+        return class_folders(root)
+    except DataError as exc:
+        raise DataError(f"cannot read data {str(exc).removeprefix('cannot read ')}") from None
+
+
+def _unreadable(folder: str, exc: OSError) -> None:
+    raise DataError(f"cannot read folder {folder}: {exc.strerror or exc} (training data must "
+                    "be readable)")
 
 
 def _list_images(folder: Path) -> list[str]:
-    """Image files under ``folder``, recursively, sorted, hidden entries skipped, symlinked
-    folders followed once (loops ignored)."""
-    from toolkit.data.decode import is_image_path
+    """Image files under ``folder`` through tk's one folder walker
+    (:class:`toolkit.data.listing.Walker`): recursive, sorted, hidden entries skipped,
+    symlinked folders followed once; an unreadable folder stops with one line."""
+    from toolkit.data.listing import list_images
 
-    found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-
-    def walk(d: str) -> None:
-        try:
-            st = os.stat(d)
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as exc:
-            raise DataError(f"cannot read folder {d}: {exc.strerror or exc}") from None
-        for e in entries:
-            if not _visible(e.name):
-                continue
-            try:
-                if e.is_dir():
-                    walk(e.path)
-                elif is_image_path(e.name) and e.is_file():
-                    found.append(e.path)
-            except OSError:
-                continue
-
-    walk(str(folder))
-    return found
+    return list_images(folder, unreadable=_unreadable)
 
 
 def _folder_samples(root: Path, classes: list[str] | None = None

@@ -61,11 +61,13 @@ TINY_PLUGIN = str(Path(__file__).resolve().parent / "plugins_for_tests" / "tiny.
 COLOUR_CLASSES = ("red", "green", "blue")
 
 
-def save_colour_model(store_dir: Path, name: str = "colours") -> str:
+def save_colour_model(store_dir: Path, name: str = "colours",
+                      classes: tuple[str, str, str] = COLOUR_CLASSES) -> str:
     """Store a ``tiny-cnn`` classifier (width 4) whose weights are set by hand so that it
     is right on solid colours: it predicts the strongest of the red, green and blue input
-    channels (classes :data:`COLOUR_CLASSES`). Loading it needs :data:`TINY_PLUGIN`
-    (``TK_PLUGINS`` or ``--plugin`` in subprocesses). Returns the model name."""
+    channels (classes :data:`COLOUR_CLASSES`, or other names for the same three). Loading
+    it needs :data:`TINY_PLUGIN` (``TK_PLUGINS`` or ``--plugin`` in subprocesses). Returns
+    the model name."""
     import torch
 
     from model_store import ModelStore
@@ -91,7 +93,7 @@ def save_colour_model(store_dir: Path, name: str = "colours") -> str:
         head.weight[:, :3] = torch.eye(3) * 4.0
     meta = {
         "spec": spec.to_dict(),
-        "classes": list(COLOUR_CLASSES),
+        "classes": list(classes),
         "data_config": backbone.data_config.to_dict(),
         "training": {"note": "hand-set weights for tests"},
         "metrics": {},

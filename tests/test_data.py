@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -60,6 +61,98 @@ def test_transforms_pickle_for_workers() -> None:
         a = t(img)
         torch.manual_seed(3)
         assert torch.equal(a, clone(img))
+
+
+def _photo(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A photo-like file (smooth gradients, shapes, noise) written to ``path``."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], -1)
+    arr = (arr + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.ellipse([x0, y0, x0 + w // 4, y0 + h // 4],
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    img.save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
+    return path
+
+
+REAL_SIZES = [(500, 375), (375, 500), (640, 480), (224, 224), (90, 60), (31, 333)]
+CONFIGS = [
+    DataConfig((3, 224, 224)),                                  # resize 256, crop 224
+    DataConfig((3, 64, 64), crop_pct=1.0),                      # resize = crop
+    DataConfig((3, 32, 48), crop_pct=0.8),                      # non-square: (40, 60)
+    DataConfig((3, 96, 96), crop_pct=1.25),                     # resize < crop: padding
+]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos",
+                                           "box", "hamming"])
+def test_eval_transform_is_bit_identical_to_torchvision(tmp_path: Path,
+                                                        interpolation: str) -> None:
+    """The two halves (Pillow + numpy crop, then the device normalisation) give exactly
+    what torchvision's Resize + CenterCrop + ToTensor + Normalize gave validation, on
+    real decoded files of several sizes and shapes."""
+    from dataclasses import replace
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from toolkit.data.decode import load_image
+
+    mode = InterpolationMode(interpolation)
+    for i, size in enumerate(REAL_SIZES):
+        path = _photo(tmp_path / f"p{i}.{'jpg' if i % 2 else 'png'}", size, i)
+        img = load_image(path)
+        for cfg in CONFIGS:
+            t = EvalTransform(replace(cfg, interpolation=interpolation))
+            rs = t.resize_size
+            resized = F.resize(img, [rs] if isinstance(rs, int) else list(rs),
+                               interpolation=mode, antialias=True)
+            reference = F.normalize(F.to_tensor(F.center_crop(resized, list(t.crop_size))),
+                                    t.mean, t.std)
+            crop = t.crop(img)
+            assert crop.dtype.name == "uint8" and crop.shape == (*t.crop_size, 3)
+            assert crop.flags.c_contiguous and crop.flags.writeable
+            both = t(img)
+            assert torch.equal(both, reference), (size, cfg, interpolation)
+            # the device half on a channels-last batch view (what the runner hands it)
+            batch = torch.from_numpy(np.stack([crop, crop])).permute(0, 3, 1, 2)
+            assert torch.equal(t.normalize(batch)[1], reference)
+
+
+def test_host_half_and_decoding_workers_never_import_torch(tmp_path: Path) -> None:
+    """The ONNX Runtime path of issue 14 needs the decode + crop workers without torch."""
+    import subprocess
+    import sys
+
+    for i in range(5):
+        _photo(tmp_path / f"p{i}.jpg", (120 + i, 90), i)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff nothing")
+    code = f"""
+import sys
+from toolkit.data.batches import Preparer, iter_batches
+from toolkit.data.listing import discover
+from toolkit.data.transforms import EvalTransform
+from toolkit.model.backbone import DataConfig
+paths = discover([{str(tmp_path)!r}])
+prep = Preparer(EvalTransform(DataConfig((3, 32, 32))), "draft")
+batches = list(iter_batches(paths, range(len(paths)), prep, batch_size=2, workers=2))
+assert [i for b in batches for i in b.indices] == list(range(6))
+assert sum(len(b.crop_pos) for b in batches) == 5
+assert batches[0].errors[0] and batches[0].crops.shape == (1, 32, 32, 3)
+assert "torch" not in sys.modules and "torchvision" not in sys.modules, "torch imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_train_transform_augments_and_repeats_with_seed() -> None:
@@ -144,6 +237,18 @@ def test_bad_image_in_a_worker_is_still_one_line(tmp_path: Path) -> None:
         next(iter(loader))
     message = str(info.value)
     assert "\n" not in message and "bad.png" in message and "empty file" in message
+
+
+def test_resize_that_would_be_huge_stops_training_naming_the_file(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Within the aspect limit (raised here) but not within what the resize may produce:
+    the eval transform refuses, and training names the file."""
+    Image.new("RGB", (3000, 2), (0, 200, 0)).save(tmp_path / "strip.png")
+    monkeypatch.setenv("TK_MAX_ASPECT_RATIO", "10000")
+    monkeypatch.setenv("TK_MAX_IMAGE_PIXELS", "100000")
+    ds = ImageListDataset([(tmp_path / "strip.png", 0)], eval_transform(CFG))
+    with pytest.raises(TrainingImageError, match=r"strip\.png: .*resized for this model"):
+        ds[0]
 
 
 def _make(i: int):

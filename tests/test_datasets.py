@@ -88,6 +88,38 @@ def test_imagefolder_bad_folders(datasets, make_image_dir, tmp_path: Path) -> No
         build(datasets, "imagefolder")
 
 
+def test_imagefolder_lists_through_the_one_walker(datasets, make_image_dir, capsys,
+                                                 monkeypatch) -> None:
+    """The same walker as `tk infer`: special files and hidden entries skipped and said, a
+    loop skipped, a broken link kept (training then names it), an unreadable folder fatal."""
+    root = make_image_dir({"a": 2, "b": 2})
+    os.mkfifo(root / "a" / "pipe.png")
+    (root / "a" / ".hidden").mkdir()
+    (root / "a" / ".hidden" / "x.png").write_bytes(b"")
+    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)
+    (root / "b" / "gone.png").symlink_to(root / "missing.png")
+    src = build(datasets, "imagefolder", path=str(root))
+    names = [Path(p).relative_to(root).as_posix() for p, _ in src.samples]
+    assert names == ["a/a_000.png", "a/a_001.png", "b/b_000.png", "b/b_001.png", "b/gone.png"]
+    err = capsys.readouterr().err
+    assert "skipped 1 entry that is not a regular file (FIFO)" in err and "pipe.png" in err
+    assert "skipped 1 hidden entry" in err and "symlink loop" in err
+    train, val = src.splits(EVAL, EVAL, val_split=0.5, seed=0)
+    with pytest.raises(DataError, match="gone.png"):
+        [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+
+    real_scandir = os.scandir
+
+    def scandir(path):  # root may read anything: simulate the permission error
+        if str(path).endswith("b"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="cannot read folder .*b: Permission denied"):
+        build(datasets, "imagefolder", path=str(root))
+
+
 def test_imagefolder_class_too_small_to_split(datasets, make_image_dir) -> None:
     root = make_image_dir({"big": 4, "tiny": 1})
     src = build(datasets, "imagefolder", path=str(root))

@@ -259,6 +259,38 @@ def test_pixel_limit_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
 # -- extensions ------------------------------------------------------------------------
 
 
+def test_extreme_aspect_ratio_refused_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    """A few hundred bytes of PNG, 200000x1 pixels: far under the pixel limit, but its
+    resize for any model would be gigabytes. Refused from the header."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (200_000, 1), (10, 20, 30)).save(path)
+    assert path.stat().st_size < 2000
+    with pytest.raises(ImageDecodeError, match="extreme aspect ratio: 200000x1 is more "
+                                               "than 100:1"):
+        load_image(path)
+    Image.new("RGB", (100, 1)).save(tmp_path / "ok.png")  # 100:1 is allowed
+    assert load_image(tmp_path / "ok.png").size == (100, 1)
+    monkeypatch.setenv("TK_MAX_ASPECT_RATIO", "1000000")
+    assert load_image(path).size == (200_000, 1)
+    monkeypatch.setenv("TK_MAX_ASPECT_RATIO", "wide")
+    with pytest.raises(TkError, match="TK_MAX_ASPECT_RATIO"):
+        load_image(path)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    import faulthandler
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    faulthandler.dump_traceback_later(30, exit=True)  # a hang fails the run
+    try:
+        with pytest.raises(ImageDecodeError, match="not a regular file \\(a FIFO\\)"):
+            load_image(fifo)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def test_extensions_case_insensitive() -> None:
     assert {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"} == set(
         IMAGE_EXTENSIONS)

@@ -13,6 +13,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_PLUGIN, write_image
@@ -178,7 +179,8 @@ def test_mixed_folder_gives_one_row_per_file(tmp_path, colour_model):
     assert f"using model '{name}'" in r.stderr
     assert f"{len(valid)} predicted, {len(broken)} failed" in r.stderr
     assert "Traceback" not in r.stderr
-    assert "file/s" in r.stderr  # the progress bar went to stderr
+    # stderr is not a terminal here: no carriage-return progress bar in it
+    assert "\r" not in r.stderr and "it/s" not in r.stderr
 
 
 def run_in_process(capsys, inputs, store_dir, **options):
@@ -264,14 +266,12 @@ def test_predictions_equal_the_stored_model_on_preprocessed_tensors(tmp_path, ra
         assert [s for _, s in row.topk] == pytest.approx(values.tolist(), abs=1e-5)
 
     # the workers' half of the transform plus the device's half: bit for bit the same
-    from toolkit.predict.runner import SplitEvalTransform
-
-    split = SplitEvalTransform(transform)
     for r in good:
         img = load_image(r.path)
-        half = split.pil_stage(img)
-        assert half.dtype == torch.uint8
-        assert torch.equal(split.tensor_stage(half[None])[0], transform(img))
+        half = transform.crop(img)
+        assert half.dtype == np.uint8 and half.shape == (32, 32, 3)
+        batch = torch.from_numpy(half[None]).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+        assert torch.equal(transform.normalize(batch)[0], transform(img))
 
     tensor_rows = predict_tensors(loaded, x, topk=4, device="cpu")
     assert [(r.label, r.index) for r in tensor_rows] == [(r.label, i) for i, r in
@@ -403,14 +403,11 @@ def test_torchrun_two_processes_merge_every_file_once(tmp_path, colour_model):
 
 def test_draft_and_torchvision_decoders_stay_close_to_the_exact_path(tmp_path, random_model):
     from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
 
+    from toolkit.data.decode import load_image, plain_jpeg_bytes
     from toolkit.data.transforms import eval_transform
-    from toolkit.predict.runner import (
-        Predictor,
-        _plain_jpeg_bytes,
-        _tensor_eval_transform,
-        preprocess,
-    )
+    from toolkit.predict.runner import Predictor
 
     store_dir, name = random_model
     loaded = load(store_dir, name)
@@ -430,17 +427,17 @@ def test_draft_and_torchvision_decoders_stay_close_to_the_exact_path(tmp_path, r
 
     transform = eval_transform(loaded.data_config)
     for p in sorted(images.glob("p*.jpg")):
-        exact = preprocess(p, transform)
-        raw = _plain_jpeg_bytes(str(p))
+        exact = transform(load_image(p))
+        raw = plain_jpeg_bytes(p)
         assert raw is not None
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        fast = _tensor_eval_transform(decode_jpeg(raw, mode=ImageReadMode.RGB), transform)
+        decoded = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                              mode=ImageReadMode.RGB)
+        fast = transform.normalize(transform.crop_tensor(decoded)[None])[0]
         assert (fast - exact).abs().mean() < 0.02 and (fast - exact).abs().max() < 0.3
-        draft = preprocess(p, transform, draft_size=transform.draft_size)
+        draft = transform(load_image(p, draft_size=transform.draft_size))
         assert (draft - exact).abs().mean() < 0.05
-    assert _plain_jpeg_bytes(str(images / "cmyk.jpg")) is None  # left to PIL
-    assert _plain_jpeg_bytes(str(images / "q.png")) is None
+    assert plain_jpeg_bytes(images / "cmyk.jpg") is None  # left to PIL
+    assert plain_jpeg_bytes(images / "q.png") is None
 
     rows = {}
     for decode in ("pil", "draft", "torchvision"):

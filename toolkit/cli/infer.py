@@ -9,12 +9,11 @@ from typing import Any
 import click
 
 from toolkit.cli import cli, get_state
-from toolkit.cli.store import open_store, store_option
-from toolkit.model.loading import load_model
+from toolkit.cli.store import store_option
+from toolkit.data.batches import DECODERS as _DECODERS
+from toolkit.predict.writers import FORMATS as _FORMATS
 
-_FORMATS = ("table", "csv", "jsonl", "json")
 _PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-_DECODERS = ("pil", "draft", "torchvision")
 
 
 def _runtime_options(func: Any) -> Any:
@@ -55,10 +54,13 @@ def _runtime_options(func: Any) -> Any:
               help="Write rows to FILE instead of stdout.")
 @click.option("--resume", is_flag=True,
               help="With -o FILE (jsonl or csv): skip files already in FILE and append.")
+@click.option("--csv-raw", is_flag=True,
+              help="csv: write cells as they are (by default a cell starting with = + - @ "
+              "tab or CR gets a leading ' so spreadsheets do not run it as a formula).")
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
-                  resume: bool, device: str, precision: str, channels_last: bool,
-                  workers: int | None, decode: str, quiet: bool) -> None:
+                  resume: bool, csv_raw: bool, device: str, precision: str,
+                  channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
     \b
@@ -67,12 +69,15 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
     always read. One row per file: data on stdout (or -o), progress and summary on stderr.
     jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"}.
     A file that cannot be read gets a row with "error" set; the run goes on.
+    Paths are valid UTF-8: a byte of a file name that is not UTF-8 is written \\xNN and
+    a backslash is doubled. -o may not be an input file or a file of the model store.
     Under `torchrun --nproc_per_node N -m toolkit infer ...` each process predicts a
     share of the files and rank 0 writes one merged output, in input order.
 
     \b
     Exit status: 0 every file predicted; 1 some files could not be read (their rows
-    carry the error); 2 usage error (missing path, unknown model, bad option).
+    carry the error); 2 usage error (missing path, unknown model, bad option, output
+    that cannot be written); 141 the reader of stdout went away (`| head`).
     Under torchrun a completed run exits 0 (torchrun treats any other status as a
     crash): count the rows with an error instead.
     """
@@ -82,8 +87,12 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      store=str(store_dir) if store_dir else None, batch_size=batch_size,
                      topk=topk, format=fmt, output=str(output) if output else None,
                      resume=resume, device=device, precision=precision,
-                     channels_last=channels_last, workers=workers, decode=decode, quiet=quiet)
-    summary = run_infer(args, get_state().plugins)
+                     channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
+                     csv_raw=csv_raw)
+    try:
+        summary = run_infer(args, get_state().plugins)
+    except BrokenPipeError:  # `tk infer ... | head`: the quiet exit of other Unix tools
+        raise click.exceptions.Exit(141) from None
     if summary.exit_code:
         click.get_current_context().exit(summary.exit_code)
 
@@ -106,22 +115,14 @@ def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json:
     Exit status: 0 report written; 2 usage error (unknown model, class folders that
     are not the model's classes, missing folder).
     """
-    from toolkit.predict.evaluate import evaluate, format_report
-    from toolkit.predict.infer import choose_model
+    from toolkit.predict.evaluate import EvalArgs, format_report, run_eval
 
-    store = open_store(store_dir)
-    name = choose_model(store, model, lambda message: click.echo(f"tk: {message}", err=True))
-    loaded = load_model(name, store, plugins=get_state().plugins, device="cpu")
-    report = evaluate(loaded, data, batch_size=batch_size, device=device, precision=precision,
-                      channels_last=channels_last, workers=workers, decode=decode,
-                      progress=not quiet)
-    if png is not None:
-        from toolkit.plots import confusion_matrix
-
-        confusion_matrix(report.confusion, report.classes, png,
-                         title=f"{name}: accuracy {report.accuracy:.3f} "
-                               "(rows: true, columns: predicted)")
-        click.echo(f"tk: confusion matrix written to {png}", err=True)
+    args = EvalArgs(data=str(data), model=model, store=str(store_dir) if store_dir else None,
+                    png=str(png) if png else None, batch_size=batch_size, device=device,
+                    precision=precision, channels_last=channels_last, workers=workers,
+                    decode=decode, quiet=quiet)
+    report = run_eval(args, get_state().plugins,
+                      log=lambda message: click.echo(f"tk: {message}", err=True))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch.utils.data import Dataset
 
 from toolkit.data.decode import ImageDecodeError, load_image
-from toolkit.data.transforms import Transform
+from toolkit.data.transforms import ImageShapeError, Transform
 from toolkit.errors import DataError
 
 
@@ -61,9 +61,9 @@ class TrainingImageError(DataError):
 class ImageListDataset(Dataset):
     """``(image_tensor, label)`` for a list of ``(path, label)`` samples.
 
-    Images are decoded by :func:`toolkit.data.decode.load_image` (EXIF orientation, colour modes
-    and size limits exactly as at inference). A file that fails to decode raises
-    :class:`TrainingImageError` naming it.
+    Images are decoded by :func:`toolkit.data.decode.load_image` (EXIF orientation, colour modes,
+    size and aspect limits exactly as at inference). A file that fails to decode, or whose
+    resize the transform refuses, raises :class:`TrainingImageError` naming it.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None):
@@ -81,12 +81,14 @@ class ImageListDataset(Dataset):
         path, label = self.samples[index]
         try:
             img = load_image(path)
+            return (self.transform(img) if self.transform is not None else img), label
         except ImageDecodeError as exc:
-            raise TrainingImageError(
-                f"cannot read training image {exc}; training data must be readable: fix or "
-                f"remove the file"
-            ) from None
-        return (self.transform(img) if self.transform is not None else img), label
+            reason = str(exc)
+        except ImageShapeError as exc:  # the eval transform's bound on what its resize makes
+            reason = f"{path}: {exc}"
+        raise TrainingImageError(
+            f"cannot read training image {reason}; training data must be readable: fix or "
+            f"remove the file")
 
 
 class IndexedDataset(Dataset):

@@ -16,6 +16,13 @@ whatever the file holds, or raises :class:`ImageDecodeError` with a one-line rea
 - decompression bombs are refused from the size the header declares, before any pixel is
   decoded: more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's
   own default, or ``TK_MAX_IMAGE_PIXELS`` from the environment);
+- so are extreme aspect ratios (long side more than :data:`DEFAULT_MAX_ASPECT_RATIO` times
+  the short one, or ``TK_MAX_ASPECT_RATIO``): a 666-byte PNG of 200000x1 pixels is tiny,
+  but resizing its short side to a model's input would make an image of gigabytes. (The
+  eval transform also bounds what its resize produces, see
+  :meth:`toolkit.data.transforms.EvalTransform.output_size`.) Training and inference both
+  decode here, so they refuse the same files;
+- only regular files are opened (a FIFO named ``x.jpg`` is refused without blocking);
 - empty, truncated, corrupt or non-image files raise :class:`ImageDecodeError`; the image is
   decoded completely inside the function (no lazy decoding that fails later).
 
@@ -32,7 +39,6 @@ import io
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from toolkit.errors import DataError
@@ -54,6 +60,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 (Pillow's default: about 0.25 GB of RGB pixels)."""
 
 MAX_PIXELS_ENV = "TK_MAX_IMAGE_PIXELS"
+
+DEFAULT_MAX_ASPECT_RATIO = 100
+"""Largest ratio of an image's long side to its short side (panoramas and banners stay far
+below; a 200000x1 strip does not)."""
+
+MAX_ASPECT_ENV = "TK_MAX_ASPECT_RATIO"
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -83,10 +95,24 @@ def max_image_pixels() -> int:
     return env.integer(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, minimum=1)
 
 
+def max_aspect_ratio() -> int:
+    """The aspect limit: ``TK_MAX_ASPECT_RATIO`` if set, else :data:`DEFAULT_MAX_ASPECT_RATIO`."""
+    from toolkit import env
+
+    return env.integer(MAX_ASPECT_ENV, DEFAULT_MAX_ASPECT_RATIO, minimum=1)
+
+
+def check_limits() -> None:
+    """Read the size limits from the environment once, so that a malformed value is one
+    usage error before any work instead of an error row per file."""
+    max_image_pixels()
+    max_aspect_ratio()
+
+
 _pil_ready = False
 
 
-def _pil():
+def pil():
     """Import Pillow once and align its own bomb check with ours (we check first, from the
     header; Pillow's warning is silenced, its hard limit raised to ours when ours is
     higher)."""
@@ -106,6 +132,7 @@ def _pil():
             WebPImagePlugin,
         )
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        Image.preinit()  # the few plugins Image.open imports itself, now rather than later
         _pil_ready = True
     return Image
 
@@ -131,7 +158,7 @@ def load_image(
     Raises :class:`ImageDecodeError` (one line, naming the file) for anything that is not
     a decodable image of a supported format within the size limit.
     """
-    Image = _pil()
+    Image = pil()
     limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = "<bytes>"
@@ -143,13 +170,7 @@ def load_image(
     name = os.fspath(source)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
-    path = Path(name)
-    try:
-        if path.is_dir():
-            raise ImageDecodeError(name, "is a directory, not an image file")
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ImageDecodeError(name, f"cannot read: {exc.strerror or exc}") from None
+    fh = open_regular(name)
     with fh:
         try:
             size = os.fstat(fh.fileno()).st_size
@@ -158,6 +179,70 @@ def load_image(
         if size == 0:
             raise ImageDecodeError(name, "empty file (0 bytes)")
         return _decode(Image, fh, name, limit, draft_size, background)
+
+
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """Open ``path`` for reading if it is a regular file (after links); raise
+    :class:`ImageDecodeError` otherwise. Opened non-blocking and checked on the open file,
+    so a FIFO (or a file swapped for one) never blocks."""
+    import stat
+
+    name = os.fsdecode(os.fspath(path))
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise ImageDecodeError(name, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(name, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageDecodeError(name, "is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(name, f"not a regular file ({_file_kind(mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def plain_jpeg_bytes(path: str | os.PathLike) -> bytes | None:
+    """The file's bytes when a plain JPEG decoder (nvJPEG through torchvision) decodes it
+    exactly as :func:`load_image` would: baseline RGB or grey JPEG, no EXIF rotation, within
+    the size limits. ``None`` otherwise (then :func:`load_image` handles it). Raises
+    :class:`ImageDecodeError` for a file that cannot be read."""
+    with open_regular(path) as fh:
+        data = fh.read()
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    Image = pil()
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            w, h = img.size
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if w <= 0 or h <= 0 or w * h > max_image_pixels():
+                return None
+            if max(w, h) > max_aspect_ratio() * min(w, h):
+                return None
+            if int(img.getexif().get(0x0112, 1) or 1) != 1:
+                return None
+    except Exception:
+        return None
+    return data
 
 
 def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
@@ -182,6 +267,12 @@ def _decode(Image, fp, name: str, limit: int, draft_size: int | None,
         raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
     if width * height > limit:
         raise ImageDecodeError(name, _too_large(f"{width}x{height} = {width * height}", limit))
+    aspect = max_aspect_ratio()
+    if max(width, height) > aspect * min(width, height):
+        raise ImageDecodeError(
+            name, f"extreme aspect ratio: {width}x{height} is more than {aspect}:1 (its "
+            f"resize for a model would be huge; raise {MAX_ASPECT_ENV} to allow it), "
+            "refused before decoding")
     fmt = img.format or "image"
     if draft_size and fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK"):
         try:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.data.listing import PathList, Warn, iter_images, warn_stderr
+from toolkit.data.listing import PathList, Walker, Warn, class_folders, warn_stderr
 from toolkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -53,17 +53,17 @@ class EvalReport:
 
 def labelled_files(data: str | os.PathLike[str], classes: list[str], *,
                    warn: Warn = warn_stderr) -> tuple[PathList, list[int]]:
-    """The images of a class-per-sub-folder tree and their label indices in ``classes``."""
+    """The images of a class-per-sub-folder tree and their label indices in ``classes``
+    (listed by tk's one folder walker, :class:`toolkit.data.listing.Walker`)."""
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"--data {root}: no such folder")
     if not root.is_dir():
         raise DataError(f"--data {root}: not a folder (expected {root}/<class>/<images>)")
     try:
-        folders = sorted(e.name for e in os.scandir(root)
-                         if not e.name.startswith(".") and e.is_dir())
-    except OSError as exc:
-        raise DataError(f"cannot read --data {root}: {exc.strerror or exc}") from None
+        folders = class_folders(root)
+    except DataError as exc:
+        raise DataError(f"cannot read --data {root}: {exc}") from None
     if not folders:
         raise DataError(f"--data {root}: no class sub-folders (expected {root}/<class>/<images>)")
     index = {c: i for i, c in enumerate(classes)}
@@ -74,10 +74,12 @@ def labelled_files(data: str | os.PathLike[str], classes: list[str], *,
             f"model (its classes: {', '.join(classes)})")
     paths = PathList()
     labels: list[int] = []
+    walker = Walker(warn=warn)
     for name in folders:
-        for p in iter_images([str(root / name)], warn=warn):
+        for p in walker.images(root / name):
             paths.append(p)
             labels.append(index[name])
+    walker.report()
     if not len(paths):
         raise DataError(f"--data {root}: no image files in its class folders")
     return paths, labels
@@ -110,6 +112,8 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
              progress: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
+    from toolkit.predict.writers import escape_control, escape_path
+    from toolkit.progress import Progress
 
     classes = list(loaded.classes)
     paths, labels = labelled_files(data, classes, warn=warn)
@@ -120,26 +124,27 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
     n = len(classes)
     confusion = [[0] * n for _ in range(n)]
     failed: list[dict[str, str]] = []
-    bar = None
-    if progress:
-        import sys
+    bar = Progress(len(paths), "eval", enabled=progress)
 
-        from tqdm import tqdm
+    def say(message: str) -> None:  # warnings that do not tear the progress bar
+        if warn is warn_stderr:
+            bar.write(f"tk: warning: {message}")
+        else:
+            warn(message)
 
-        bar = tqdm(total=len(paths), unit="file", file=sys.stderr, desc="eval",
-                   dynamic_ncols=True)
+    predictor.warn = say
+    rows = predictor.predict_paths(paths)
     try:
-        for row in predictor.predict_paths(paths):
-            if bar is not None:
-                bar.update(1)
+        for row in rows:
+            bar.update(1)
             if row.error is not None:
                 failed.append({"path": str(row.path), "error": row.error})
-                warn(f"{row.path}: {row.error} (left out)")
+                say(f"{escape_control(escape_path(str(row.path)))}: {row.error} (left out)")
                 continue
             confusion[labels[row.index]][index[str(row.label)]] += 1
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+        rows.close()
     total = sum(map(sum, confusion))
     correct = sum(confusion[i][i] for i in range(n))
     per, mp, mr, mf = metrics(confusion, classes)
@@ -147,6 +152,52 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
                       correct=correct, accuracy=correct / total if total else 0.0,
                       per_class=per, macro_precision=mp, macro_recall=mr, macro_f1=mf,
                       confusion=confusion, failed=failed)
+
+
+@dataclass
+class EvalArgs:
+    """`tk eval` options (see ``tk eval --help``)."""
+
+    data: str
+    model: str | None = None
+    store: str | None = None
+    png: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "32"
+    channels_last: bool = False
+    workers: int | None = None
+    decode: str = "pil"
+    quiet: bool = False
+
+
+def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport:
+    """`tk eval`: pick the model (the newest by default, said through ``log``), evaluate it
+    on ``args.data``, draw the confusion matrix into ``args.png`` when asked."""
+    from model_store import ModelStore
+    from toolkit.data.decode import check_limits
+    from toolkit.model.loading import load_model
+    from toolkit.predict.infer import choose_model
+
+    def say(message: str) -> None:
+        if log is not None:
+            log(message)
+
+    check_limits()
+    store = ModelStore(args.store)
+    name = choose_model(store, args.model, say)
+    loaded = load_model(name, store, plugins=plugins, device="cpu")
+    report = evaluate(loaded, args.data, batch_size=args.batch_size, device=args.device,
+                      precision=args.precision, channels_last=args.channels_last,
+                      workers=args.workers, decode=args.decode, progress=not args.quiet)
+    if args.png is not None:
+        from toolkit.plots import confusion_matrix
+
+        confusion_matrix(report.confusion, report.classes, Path(args.png),
+                         title=f"{name}: accuracy {report.accuracy:.3f} "
+                               "(rows: true, columns: predicted)")
+        say(f"confusion matrix written to {args.png}")
+    return report
 
 
 def format_report(report: EvalReport) -> str:

@@ -1,31 +1,43 @@
-"""`tk infer` as a function: check the arguments, pick the model, discover the files,
-predict and write the rows, summarise on stderr."""
+"""`tk infer` as a function: check the arguments and the output target, pick the model,
+discover the files, predict and write the rows, summarise on stderr.
+
+Before any work: the format and ``--resume`` options, the size limits of the environment,
+that standard output is open (without ``-o``), and that ``-o`` can be written and is
+neither one of the inputs nor anything inside the model store, even through a link
+(compared by resolved path and by inode). A closed pipe (``tk infer ... | head -1``)
+ends the run quietly with status 141, like other Unix tools.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data.listing import PathList, discover, warn_stderr
 from toolkit.errors import TkError
-from toolkit.model.loading import load_model
-from toolkit.predict.runner import Predictor
 from toolkit.predict.writers import (
     FORMATS,
     WRITERS,
-    _key,
-    done_paths,
+    OutputError,
+    describe_os_error,
+    done_indices,
     format_for_path,
-    repair_tail,
+    open_output,
+    read_output,
+    stdout_stream,
+    truncate_output,
 )
 
 if TYPE_CHECKING:
-
-    pass
+    from model_store import ModelStore
+    from toolkit.predict.runner import Runner
+    from toolkit.progress import Progress
 
 
 @dataclass
@@ -46,6 +58,7 @@ class InferArgs:
     workers: int | None = None
     decode: str = "pil"
     quiet: bool = False
+    csv_raw: bool = False
 
 
 @dataclass
@@ -85,11 +98,61 @@ def choose_model(store: Any, name: str | None, log: Callable[[str], None]) -> st
     return newest.name
 
 
+# -- the output target ----------------------------------------------------------------------
+
+def check_output_target(output: str) -> None:
+    """``-o FILE`` can be created or replaced: not a folder, its folder exists and is
+    writable."""
+    if os.path.isdir(output):
+        raise TkError(f"-o {output}: is a directory")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise TkError(f"-o {output}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK) and not os.access(output, os.W_OK):
+        raise TkError(f"-o {output}: {parent} is not writable")
+
+
+def check_output_is_not_an_input(output: str, paths: Sequence[str], store: ModelStore,
+                                 model_file: str | None = None) -> None:
+    """Refuse (one line, before any work) an ``-o`` that is one of the inputs, a file of
+    the model store, or reaches one of them through a link (resolved path and inode)."""
+    if store.owns(output):
+        raise TkError(f"-o {output}: is inside the model store {store.root}; writing there "
+                      "would damage it (choose a file elsewhere)")
+    try:
+        st = os.stat(output)
+    except OSError:
+        return  # nothing there (yet): it cannot be an input
+    if not stat.S_ISREG(st.st_mode):
+        return  # /dev/null, a FIFO, a terminal: not an input file
+    target = (st.st_dev, st.st_ino)
+    if model_file is not None:
+        try:
+            mst = os.stat(model_file)
+            if (mst.st_dev, mst.st_ino) == target:
+                raise TkError(f"-o {output}: is the model file {model_file}")
+        except OSError:
+            pass
+    for p in paths:
+        try:
+            pst = os.stat(p)
+        except OSError:
+            continue
+        if (pst.st_dev, pst.st_ino) == target:
+            same = "" if os.path.abspath(p) == os.path.abspath(output) else \
+                " (through a link)"
+            raise TkError(f"-o {output}: is the input file {p}{same}; writing there would "
+                          "destroy it (choose another output file)")
+
+
+# -- the command --------------------------------------------------------------------------
+
 def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
     """`tk infer`: discover, predict, write rows as they come; a summary on stderr.
     Under torchrun every rank predicts a shard and rank 0 writes the merged output.
     Usage errors are found before torch is imported."""
     from model_store import ModelStore
+    from toolkit.data.decode import check_limits
 
     fmt = args.format or format_for_path(args.output)
     if fmt not in FORMATS:
@@ -98,104 +161,169 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         raise TkError("--resume needs -o FILE (the output of the interrupted run)")
     if args.resume and fmt not in ("jsonl", "csv"):
         raise TkError(f"--resume works with --format jsonl or csv, not {fmt}")
-    if args.output and os.path.isdir(args.output):
-        raise TkError(f"-o {args.output}: is a directory")
     if args.output:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(parent):
-            raise TkError(f"-o {args.output}: {parent} is not a directory")
-        if not os.access(parent, os.W_OK):
-            raise TkError(f"-o {args.output}: {parent} is not writable")
+        check_output_target(args.output)
+    check_limits()
 
     is_main = os.environ.get("RANK", "0") in ("", "0")
     log = _logger(is_main)
-    warn = warn_stderr if is_main else (lambda _m: None)
+    stdout = stdout_stream() if is_main and not args.output else None
     store = ModelStore(args.store)
     name = choose_model(store, args.model, log)
     info = store.info(name)  # a missing model fails here, cheaply
+    warn = warn_stderr if is_main else (lambda _m: None)
     paths = discover(args.inputs, warn=warn)
     if not len(paths):
         raise TkError(f"no image files found in {' '.join(args.inputs)} "
                       "(extensions: jpg jpeg png bmp gif webp tif tiff)")
+    if args.output:
+        check_output_is_not_an_input(args.output, paths, store,
+                                     os.fspath(store.model_path(name)))
     summary = InferSummary(model=name, output=args.output)
+    keep = 0
     if args.resume:
-        topk = min(args.topk, len(info.classes))
-        done = done_paths(args.output, fmt, topk)  # type: ignore[arg-type]
+        state = read_output(args.output, fmt, min(args.topk, len(info.classes)),  # type: ignore[arg-type]
+                            csv_raw=args.csv_raw)
+        keep = state.keep
+        done = done_indices(paths, state.paths, args.output)  # type: ignore[arg-type]
         if done:
-            todo = PathList(p for p in paths if _key(p) not in done)
+            todo = PathList(p for i, p in enumerate(paths) if i not in done)
             summary.skipped = len(paths) - len(todo)
             paths = todo
-            log(f"--resume: {summary.skipped} file(s) already in {args.output}, "
-                f"{len(paths)} to go")
+        log(f"--resume: {summary.skipped} file(s) already in {args.output}, "
+            f"{len(paths)} to go")
 
+    with _torch_session(args, name, store, plugins, warn) as (runner, dist):
+        summary.distributed = dist.enabled
+        if args.resume:
+            dist.barrier()  # every rank has read the file before rank 0 changes it
+        start = time.perf_counter()
+        if dist.is_main:
+            _write_all(runner, paths, args, fmt, keep, stdout, summary)
+        else:
+            for _ in runner.predict_paths(paths):
+                pass
+        summary.seconds = time.perf_counter() - start
+    done_n = summary.predicted + summary.failed
+    rate = done_n / summary.seconds if summary.seconds > 0 else 0.0
+    where = f" to {args.output}" if args.output else ""
+    extra = f", {summary.skipped} already done" if summary.skipped else ""
+    log(f"{summary.predicted} predicted, {summary.failed} failed{extra} "
+        f"({rate:.1f} files/s, model '{name}'){where}")
+    return summary
+
+
+class _Dist:
+    def __init__(self, info: Any):
+        self.info = info
+        self.enabled = bool(info.enabled)
+        self.is_main = bool(info.is_main)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _torch_session(args: InferArgs, name: str, store: Any, plugins: Any, warn: Any
+                   ) -> Iterator[tuple[Runner, _Dist]]:
+    """The runner on the torch runtime for ``args``: the process group under torchrun, the
+    device, the model. (Another runtime is another session giving a
+    :class:`~toolkit.predict.runner.Runner`; the writing below does not change.)"""
     import torch
 
     from toolkit import distributed as D
     from toolkit.devices import resolve_device
+    from toolkit.model.loading import load_model
+    from toolkit.predict.runner import Predictor
 
-    dist = D.from_env()
-    summary.distributed = dist.enabled
+    info = D.from_env()
     device = resolve_device(args.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    D.init(dist, device)
+    D.init(info, device)
     try:
         loaded = load_model(name, store, plugins=plugins, device="cpu")
-        predictor = Predictor(loaded, batch_size=args.batch_size, topk=args.topk,
-                              device=device, precision=args.precision,
-                              channels_last=args.channels_last, workers=args.workers,
-                              decode=args.decode, warn=warn)
-        append = False
-        if args.resume:
-            D.barrier()  # every rank has read the file before rank 0 appends to it
-            if dist.is_main:
-                append = repair_tail(args.output)  # type: ignore[arg-type]
-        start = time.perf_counter()
-        if dist.is_main:
-            _write_all(predictor, paths, args, fmt, append, summary)
-        else:
-            for _ in predictor.predict_paths(paths):
-                pass
-        summary.seconds = time.perf_counter() - start
-        done_n = summary.predicted + summary.failed
-        rate = done_n / summary.seconds if summary.seconds > 0 else 0.0
-        where = f" to {args.output}" if args.output else ""
-        extra = f", {summary.skipped} already done" if summary.skipped else ""
-        log(f"{summary.predicted} predicted, {summary.failed} failed{extra} "
-            f"({rate:.1f} files/s, model '{name}'){where}")
-        return summary
+        runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk, device=device,
+                           precision=args.precision, channels_last=args.channels_last,
+                           workers=args.workers, decode=args.decode, warn=warn)
+        yield runner, _Dist(info)
     finally:
         D.shutdown()
 
 
-def _write_all(predictor: Predictor, paths: PathList, args: InferArgs, fmt: str,
-               append: bool, summary: InferSummary) -> None:
-    from tqdm import tqdm
+def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep: int,
+               stdout: IO[str] | None, summary: InferSummary) -> None:
+    from toolkit.progress import Progress
 
+    append = False
     if args.output:
-        try:
-            stream: IO[str] = open(args.output, "a" if append else "w",  # noqa: SIM115
-                                   encoding="utf-8", newline="")
-        except OSError as exc:
-            raise TkError(f"-o {args.output}: cannot write ({exc.strerror})") from None
+        if args.resume:
+            truncate_output(args.output, keep)
+            append = keep > 0
+        stream = open_output(args.output, append=append)
+        name = args.output
     else:
-        stream = sys.stdout
-    writer = WRITERS[fmt](stream, predictor.classes, predictor.topk)
-    bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=args.quiet,
-               dynamic_ncols=True, smoothing=0.1, desc="infer")
+        assert stdout is not None
+        stream, name = stdout, "standard output"
+    writer = WRITERS[fmt](stream, runner.classes, runner.topk, csv_raw=args.csv_raw,
+                          name=name)
+    progress = Progress(len(paths), "infer", enabled=not args.quiet)
+    runner.warn = _warning_through(progress)
+    rows = runner.predict_paths(paths)
+    failing = False
     try:
         writer.begin(append=append)
-        for row in predictor.predict_paths(paths):
-            writer.write(row)
+        for row in rows:
+            with progress.outside(stream):
+                writer.write(row)
             if row.error is None:
                 summary.predicted += 1
             else:
                 summary.failed += 1
-                bar.write(f"tk: warning: {row.path}: {row.error}", file=sys.stderr)
-            bar.update(1)
+                progress.write(f"tk: warning: {_shown(row.path)}: {row.error}")
+            progress.update(1)
         writer.end()
+    except BrokenPipeError:
+        failing = True
+        _silence_stdout()
+        raise
+    except BaseException:
+        failing = True
+        raise
     finally:
-        bar.close()
-        if stream is not sys.stdout:
-            stream.close()
+        progress.close()
+        rows.close()  # stop the decoding workers now (a closed pipe, an error)
+        if stream is not stdout:
+            try:
+                stream.close()
+            except OSError as exc:  # the last flush can fail too (a full disk)
+                if not failing:  # else the first error is the one to say
+                    raise OutputError(f"cannot write to {name}: {describe_os_error(exc)}"
+                                      ) from None
+
+
+def _warning_through(progress: Progress) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        progress.write(f"tk: warning: {message}")
+    return warn
+
+
+def _shown(path: str | None) -> str:
+    from toolkit.predict.writers import escape_control, escape_path
+
+    return escape_control(escape_path(path or ""))
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point standard output at /dev/null so that Python's final
+    flush at exit does not print a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

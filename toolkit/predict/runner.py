@@ -1,84 +1,70 @@
-"""Batch inference with a stored model: the runner behind `tk infer` and the Python API.
+"""Batch inference: files in, one row per file out, whatever the runtime.
 
 ```python
-from model_store import ModelStore
+import toolkit
 from toolkit.predict.runner import predict, predict_tensors
 
-loaded = load_model("my-model")
+loaded = toolkit.load_model("my-model")
 for row in predict(loaded, ["photos/", "more/*.jpg"], batch_size=64, topk=3):
     print(row.path, row.label, row.score, row.error)       # one row per file, input order
 rows = predict_tensors(loaded, images)                     # images: [N,3,H,W] preprocessed
 ```
 
-How a file becomes a row:
+How a file becomes a row (each step in its own module):
 
 1. :mod:`toolkit.data.listing` lists the inputs (sorted, deduplicated, hidden files skipped).
-2. DataLoader workers decode each file with :func:`toolkit.data.decode.load_image` (EXIF
-   orientation, colour modes, size limit: the one decoding path of training too) and apply
-   the model's eval transform (:func:`toolkit.data.transforms.eval_transform` of the stored
-   ``data_config``): the tensors are the ones validation used during training. The
-   transform is split (:class:`SplitEvalTransform`): workers resize and crop to ``uint8``,
-   the device scales and normalises the batch, bit for bit as the whole transform would.
-3. A sample carries its index through the collate function; a file that cannot be read
-   becomes an error row at its own index and never enters the model, so no row can carry
-   another file's prediction.
-4. Batches go to the device (pinned memory and non-blocking copies on CUDA), through the
-   model under ``torch.inference_mode`` and autocast (``precision``), optionally in
-   channels-last layout; the next batch is launched before the previous one's results are
-   copied back.
+2. :mod:`toolkit.data.batches` decodes the files in worker processes
+   (:func:`toolkit.data.decode.load_image`: EXIF orientation, colour modes, size and
+   aspect limits, the one decoding path of training too) and applies the host half of the
+   model's eval transform (:meth:`toolkit.data.transforms.EvalTransform.crop`): ``uint8``
+   crops, batched, at most a few batches ahead (flat memory). No torch there.
+3. A :class:`toolkit.predict.runtime.Runtime` turns a batch of crops into logits: the torch
+   runtime (:mod:`toolkit.predict.torch_runtime`) normalises on the device (the device half
+   of the same transform, bit for bit what validation used during training) and runs the
+   model. The next batch is started before the previous one's logits are read back.
+4. :class:`Runner` maps logits to scores (softmax) and the top ``k`` classes, and every
+   sample keeps its input index: a file that could not be read is an error row at its own
+   position and never enters the model, so no row can carry another file's prediction.
 5. Rows come out in input order as soon as their batch is done.
 
 Decoders (``decode``): ``pil`` (default) decodes every file at full size, so predictions are
 exactly those of the eval transform. ``draft`` lets libjpeg decode large JPEGs at 1/2, 1/4 or
 1/8 scale (never below the resize size the transform needs): faster for big photos, pixels
-slightly different (see benchmarks/README.md). ``torchvision`` decodes plain JPEGs with
-``torchvision.io.decode_jpeg`` on the model's device (nvJPEG, batched, on CUDA) and resizes
-there; other files, JPEGs with an EXIF rotation, CMYK JPEGs and transforms with an
+slightly different (see benchmarks/README.md). ``torchvision`` (runtimes that accept JPEG
+bytes: torch) decodes plain JPEGs on the model's device (nvJPEG, batched, on CUDA) and
+resizes there; other files, JPEGs with an EXIF rotation, CMYK JPEGs and transforms with an
 interpolation tensors lack use the ``pil`` path. Pillow and torchvision both use
 libjpeg-turbo, so on the CPU ``torchvision`` is no faster; the CUDA path is untested here.
 
-Under torchrun (an initialised process group with more than one process) every rank
-predicts the files ``rank::world_size`` of the list; after each batch the ranks send their
-rows to rank 0, which yields them all in input order (the other ranks yield nothing, but
-must still iterate to the end).
+Under torchrun (a torch process group of more than one process, already initialised)
+every rank predicts the files ``rank::world_size`` of the list; after each batch the ranks
+send their rows to rank 0, which yields them all in input order (the other ranks yield
+nothing, but must still iterate to the end).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import stat
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from toolkit.data.batches import DECODERS, HostBatch, Preparer, default_workers, iter_batches
 from toolkit.data.listing import PathList, Warn, discover, warn_stderr
 from toolkit.errors import TkError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
+    from toolkit.data.transforms import EvalTransform
     from toolkit.model.loading import LoadedModel
+    from toolkit.predict.runtime import Runtime
 
-DECODERS = ("pil", "draft", "torchvision")
-
-
-
-
-_TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-
-# sample kinds inside a collated batch
-_TENSOR, _RAW, _ERROR = 0, 1, 2
-
-
-def default_workers() -> int:
-    """``min(4, usable CPU cores)``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus))
+__all__ = ["DECODERS", "Prediction", "Predictor", "Runner", "default_workers", "predict",
+           "predict_tensors", "top_k"]
 
 
 @dataclass
@@ -103,162 +89,28 @@ class Prediction:
                 "error": self.error}
 
 
-class InferenceDataset:
-    """``(index, kind, payload)`` for the files ``paths[i]``, ``i`` in ``indices``.
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities of ``logits [N, C]`` and their top ``k``: ``(scores [N, k],
+    class indices [N, k])``, best first (ties: the lower class index first)."""
+    import numpy as np
 
-    ``kind`` is ``_TENSOR`` (payload: the preprocessed tensor), ``_RAW`` (payload: the bytes
-    of a JPEG for the device decoder) or ``_ERROR`` (payload: the one-line reason). Never
-    raises for a bad file."""
-
-    def __init__(self, paths: PathList, indices: Sequence[int], transform: Any,
-                 decode: str = "pil"):
-        self.paths = paths
-        self.indices = indices
-        self.transform = transform
-        self.decode = decode
-        self.draft_size = getattr(transform, "draft_size", None) if decode == "draft" else None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, int, Any]:
-        index = self.indices[i]
-        path = self.paths[index]
-        try:
-            _check_regular(path)
-            if self.decode == "torchvision":
-                raw = _plain_jpeg_bytes(path)
-                if raw is not None:
-                    return index, _RAW, raw
-            return index, _TENSOR, self._tensor(path)
-        except TkError as exc:
-            return index, _ERROR, getattr(exc, "reason", None) or str(exc)
-        except Exception as exc:  # a decoder bug must not end the run
-            return index, _ERROR, f"cannot preprocess: {type(exc).__name__}: {exc}"
+    z = logits.astype(np.float32, copy=False)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    probs = e / e.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(probs, order, axis=1), order
 
 
-    def _tensor(self, path: str) -> torch.Tensor:
-        from toolkit.data.decode import load_image
+class Runner:
+    """Files -> rows with any :class:`~toolkit.predict.runtime.Runtime`.
 
-        img = load_image(path, draft_size=self.draft_size)
-        if isinstance(self.transform, SplitEvalTransform):
-            return self.transform.pil_stage(img)
-        return self.transform(img)
+    ``transform``: the model's eval transform (its host half runs in the decoding workers);
+    ``classes``: the model's class names (index = logit column)."""
 
-
-class SplitEvalTransform:
-    """:class:`toolkit.data.transforms.EvalTransform` cut in two: in the workers, PIL
-    image -> resized, centre-cropped ``uint8 [3,H,W]`` (the same calls as the eval
-    transform); on the device, a batch -> ``float``, ``/ 255``, normalised. The same
-    operations in the same order as ``EvalTransform.__call__``, so the tensors are
-    bit-identical, while workers hand over and the host copies to the GPU a quarter of the
-    bytes."""
-
-    def __init__(self, transform: Any):
-        self.transform = transform
-        self.draft_size = transform.draft_size
-
-    def pil_stage(self, img: Any) -> torch.Tensor:
-        import numpy as np
-        import torch
-        from torchvision.transforms import functional as F
-
-        from toolkit.data.transforms import _interpolation
-
-        t = self.transform
-        size = [t.resize_size] if isinstance(t.resize_size, int) else list(t.resize_size)
-        img = F.resize(img, size, interpolation=_interpolation(t.interpolation),
-                       antialias=True)
-        img = F.center_crop(img, list(t.crop_size))
-        arr = np.array(img, dtype=np.uint8, copy=True)  # H, W, 3
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-    def tensor_stage(self, batch: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms import functional as F
-
-        x = batch.float().div_(255)
-        return F.normalize(x, list(self.transform.mean), list(self.transform.std),
-                           inplace=True)
-
-
-def preprocess(source: str | os.PathLike[str] | bytes, transform: Any, *,
-               draft_size: int | None = None) -> torch.Tensor:
-    """``transform(load_image(source))``: the exact tensor a file gives (``pil`` decoder;
-    with ``draft_size`` the ``draft`` one). Raises ``ImageDecodeError``."""
-    from toolkit.data.decode import load_image
-
-    return transform(load_image(source, draft_size=draft_size))
-
-
-def _check_regular(path: str) -> None:
-    from toolkit.data.decode import ImageDecodeError
-
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ImageDecodeError(path, f"cannot read: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageDecodeError(path, "is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageDecodeError(path, "not a regular file")
-
-
-def _plain_jpeg_bytes(path: str) -> Any:
-    """The file's bytes as a uint8 tensor when torchvision can decode it exactly like
-    :func:`toolkit.data.decode.load_image` would (baseline RGB / grey JPEG, no EXIF rotation,
-    within the pixel limit); ``None`` otherwise (the PIL path then handles it)."""
-    import torch
-
-    from toolkit.data.decode import max_image_pixels
-
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if not data.startswith(b"\xff\xd8\xff"):
-        return None
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
-            w, h = img.size
-            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                return None
-            if w * h > max_image_pixels() or w <= 0 or h <= 0:
-                return None
-            if int(img.getexif().get(0x0112, 1) or 1) != 1:
-                return None
-    except Exception:
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def collate(items: list[tuple[int, int, Any]]) -> dict[str, Any]:
-    """Keep every sample's index and kind; stack the decoded tensors, list the rest."""
-    import torch
-
-    tensors = [p for _, k, p in items if k == _TENSOR]
-    return {
-        "index": torch.tensor([i for i, _, _ in items], dtype=torch.long),
-        "kind": [k for _, k, _ in items],
-        "images": torch.stack(tensors) if tensors else None,
-        "raw": [p for _, k, p in items if k == _RAW],
-        "errors": [p if k == _ERROR else None for _, k, p in items],
-    }
-
-
-class Predictor:
-    """A loaded model on a device, ready to predict files or tensors.
-
-    The model of ``loaded`` is moved to ``device`` (in place) and put in eval mode."""
-
-    def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
-                 device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool = False, workers: int | None = None,
+    def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
+                 batch_size: int = 32, topk: int = 1, workers: int | None = None,
                  decode: str = "pil", warn: Warn = warn_stderr):
-        import torch
-
-        from toolkit.data.transforms import EvalTransform, eval_transform
-        from toolkit.devices import check_precision, resolve_device
-
         if int(batch_size) < 1:
             raise TkError(f"--batch-size must be at least 1, got {batch_size}")
         if int(topk) < 1:
@@ -267,218 +119,144 @@ class Predictor:
             raise TkError(f"--workers must be 0 or more, got {workers}")
         if decode not in DECODERS:
             raise TkError(f"--decode {decode}: expected one of {', '.join(DECODERS)}")
-        self.loaded = loaded
-        self.classes = list(loaded.classes)
+        from toolkit.data.transforms import TENSOR_INTERPOLATIONS
+
+        if decode == "torchvision" and not runtime.accepts_jpeg:
+            raise TkError(f"--decode torchvision needs the torch runtime (the {runtime.name} "
+                          "runtime decodes with Pillow: --decode pil or draft)")
+        if decode == "torchvision" and transform.interpolation not in TENSOR_INTERPOLATIONS:
+            warn(f"--decode torchvision: interpolation '{transform.interpolation}' has no "
+                 "tensor version; decoding with PIL")
+            decode = "pil"
+        self.runtime = runtime
+        self.transform = transform
+        self.classes = list(classes)
         self.batch_size = int(batch_size)
         self.topk = min(int(topk), len(self.classes))
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.precision = check_precision(precision, self.device)
-        self.channels_last = bool(channels_last)
         self.workers = default_workers() if workers is None else int(workers)
-        self.transform = eval_transform(loaded.data_config)
-        self.split = (SplitEvalTransform(self.transform)
-                      if isinstance(self.transform, EvalTransform) else None)
-        if decode == "torchvision" and loaded.data_config.interpolation not in \
-                _TENSOR_INTERPOLATIONS:
-            warn(f"--decode torchvision: interpolation '{loaded.data_config.interpolation}' "
-                 "has no tensor version; decoding with PIL")
-            decode = "pil"
         self.decode = decode
-        model = loaded.model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        self.warn = warn
 
-    # tensors ---------------------------------------------------------------------------
-    def _launch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward a batch already on the device; top-k probabilities, still on it."""
-        import torch
-
-        from toolkit.devices import autocast
-
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(x)
-        with torch.inference_mode():
-            probs = logits.float().softmax(dim=1)
-            values, idx = probs.topk(self.topk, dim=1)
-        return values, idx
-
-    def _rows(self, values: torch.Tensor, idx: torch.Tensor) -> list[list[tuple[str, float]]]:
-        vals = values.cpu().tolist()
-        ids = idx.cpu().tolist()
-        return [[(self.classes[c], round(float(v), 6)) for v, c in zip(vr, cr, strict=True)]
-                for vr, cr in zip(vals, ids, strict=True)]
-
-    def predict_tensors(self, images: torch.Tensor) -> list[Prediction]:
-        """Rows for preprocessed images ``[N,3,H,W]`` (``path`` None, ``index`` = row)."""
-        from toolkit.devices import to_device
-
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4:
-            raise TkError(f"expected images [N,3,H,W], got shape {tuple(images.shape)}")
-        out: list[Prediction] = []
-        for start in range(0, images.shape[0], self.batch_size):
-            x = to_device(images[start:start + self.batch_size].float(), self.device,
-                          self.channels_last)
-            for j, top in enumerate(self._rows(*self._launch(x))):
-                out.append(Prediction(None, top[0][0], top[0][1], top, None, start + j))
-        return out
-
-    # files -----------------------------------------------------------------------------
-    def _device_decode(self, raw: list[torch.Tensor]) -> list[torch.Tensor | str]:
-        """Decode JPEG bytes on the device and preprocess there; a string for a failure."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        results: list[torch.Tensor | str] = []
-        try:
-            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-        except Exception:
-            decoded = None
-        for i, data in enumerate(raw):
-            img = decoded[i] if decoded is not None else None
-            try:
-                if img is None:  # the batch failed: retry this one alone, then with PIL
-                    try:
-                        img = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                    except Exception:
-                        results.append(preprocess(data.numpy().tobytes(), self.transform)
-                                       .to(self.device))
+    def _rows(self, paths: Sequence[str], batch: HostBatch, handle: Any) -> list[Prediction]:
+        """The rows of a batch whose work was started as ``handle``, in batch order."""
+        errors = list(batch.errors)
+        rows: list[Prediction | None] = [None] * len(batch)
+        if handle is not None:
+            logits, jpeg_errors = self.runtime.finish(handle)
+            positions = [*batch.crop_pos, *batch.jpeg_pos]
+            for p, err in zip(batch.jpeg_pos, jpeg_errors, strict=True):
+                errors[p] = err
+            if len(positions):
+                scores, ids = top_k(logits, self.topk)
+                for j, p in enumerate(positions):
+                    if errors[p] is not None:
                         continue
-                results.append(_tensor_eval_transform(img, self.transform))
-            except TkError as exc:
-                results.append(getattr(exc, "reason", None) or str(exc))
-            except Exception as exc:
-                results.append(f"cannot decode: {type(exc).__name__}: {exc}")
-        return results
-
-    def _batch_input(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, list[int],
-                                                            list[str | None]]:
-        """The device tensor for a batch, the batch positions of its rows, the errors."""
-        import torch
-
-        from toolkit.devices import to_device
-
-        kinds: list[int] = batch["kind"]
-        errors: list[str | None] = list(batch["errors"])
-        parts: list[torch.Tensor] = []
-        positions: list[int] = []
-        if batch["images"] is not None:
-            x = to_device(batch["images"], self.device, self.channels_last)
-            if x.dtype == torch.uint8 and self.split is not None:
-                x = self.split.tensor_stage(x)
-            parts.append(x)
-            positions += [p for p, k in enumerate(kinds) if k == _TENSOR]
-        if batch["raw"]:
-            raw_pos = [p for p, k in enumerate(kinds) if k == _RAW]
-            good = []
-            for p, res in zip(raw_pos, self._device_decode(batch["raw"]), strict=True):
-                if isinstance(res, str):
-                    errors[p] = res
-                else:
-                    good.append(res)
-                    positions.append(p)
-            if good:
-                x = torch.stack(good)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                parts.append(x)
-        if not parts:
-            return None, [], errors
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return x, positions, errors
-
-    def _loader(self, paths: PathList, indices: Sequence[int]) -> Any:
-        from torch.utils.data import DataLoader
-
-        from toolkit.devices import pin_memory
-
-        dataset = InferenceDataset(paths, indices, self.split or self.transform, self.decode)
-        workers = min(self.workers, math.ceil(len(indices) / self.batch_size))
-        kwargs: dict[str, Any] = {}
-        if workers > 0:
-            kwargs["prefetch_factor"] = 4
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,  # type: ignore
-                          num_workers=workers, collate_fn=collate,
-                          pin_memory=pin_memory(self.device), **kwargs)
-
-    def _local_rows(self, paths: PathList, indices: Sequence[int]
-                    ) -> Iterator[list[Prediction]]:
-        """Rows of ``paths[i] for i in indices``, one list per batch, in order."""
-        if not len(indices):
-            return
-        pending: tuple[Any, ...] | None = None
-        for batch in self._loader(paths, indices):
-            x, positions, errors = self._batch_input(batch)
-            launched = self._launch(x) if x is not None else None
-            if pending is not None:
-                yield self._finish(paths, *pending)
-            pending = (batch["index"].tolist(), positions, errors, launched)
-        if pending is not None:
-            yield self._finish(paths, *pending)
-
-    def _finish(self, paths: PathList, index: list[int], positions: list[int],
-                errors: list[str | None], launched: Any) -> list[Prediction]:
-        rows: list[Prediction | None] = [None] * len(index)
-        if launched is not None:
-            for p, top in zip(positions, self._rows(*launched), strict=True):
-                rows[p] = Prediction(paths[index[p]], top[0][0], top[0][1], top, None,
-                                     index[p])
-        for p, err in enumerate(errors):
-            if rows[p] is None:
-                rows[p] = Prediction(paths[index[p]], None, None, [], err or "not predicted",
-                                     index[p])
+                    top = [(self.classes[int(c)], round(float(s), 6))
+                           for s, c in zip(scores[j], ids[j], strict=True)]
+                    rows[p] = Prediction(paths[batch.indices[p]], top[0][0], top[0][1], top,
+                                         None, batch.indices[p])
+        for p, row in enumerate(rows):
+            if row is None:
+                rows[p] = Prediction(paths[batch.indices[p]], None, None, [],
+                                     errors[p] or "not predicted", batch.indices[p])
         return rows  # type: ignore[return-value]
+
+    def _local_rows(self, paths: Sequence[str], indices: Sequence[int]
+                    ) -> Iterator[list[Prediction]]:
+        """Rows of ``paths[i] for i in indices``, one list per batch, in order; batch
+        ``k + 1`` is started before batch ``k``'s results are read."""
+        prep = Preparer(self.transform, self.decode)
+        pending: tuple[HostBatch, Any] | None = None
+        for batch in iter_batches(paths, indices, prep, batch_size=self.batch_size,
+                                  workers=self.workers, warn=self.warn):
+            work = batch.crops is not None or batch.jpegs
+            handle = self.runtime.start(batch.crops, batch.jpegs) if work else None
+            if pending is not None:
+                yield self._rows(paths, *pending)
+            pending = (batch, handle)
+        if pending is not None:
+            yield self._rows(paths, *pending)
 
     def predict_paths(self, paths: PathList | Sequence[str]) -> Iterator[Prediction]:
         """One row per path, in order (distributed: see the module doc)."""
-        import torch.distributed as dist
-
         if not isinstance(paths, PathList):
             paths = PathList(paths)
         n = len(paths)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world <= 1:
+        shard = _torch_shard()
+        if shard is None:
             for rows in self._local_rows(paths, range(n)):
                 yield from rows
             return
-        rank = dist.get_rank()
+        rank, world, gather = shard
         mine = range(rank, n, world)
         rounds = math.ceil(math.ceil(n / world) / self.batch_size)
         local = self._local_rows(paths, mine)
         for _ in range(rounds):
-            rows = next(local, [])
-            gathered: list[Any] = [None] * world if rank == 0 else []
-            dist.gather_object(rows, gathered if rank == 0 else None, dst=0)
-            if rank == 0:
+            gathered = gather(next(local, []))
+            if gathered is not None:  # rank 0
                 longest = max(len(r) for r in gathered)
                 for j in range(longest):
                     for r in range(world):
                         if j < len(gathered[r]):
                             yield gathered[r][j]
-        for _ in local:  # nothing should be left; keep the loader's shutdown orderly
+        for _ in local:  # nothing should be left; keep the pool's shutdown orderly
             pass
 
 
-def _tensor_interpolation(name: str) -> Any:
-    from torchvision.transforms import InterpolationMode
+def _torch_shard() -> tuple[int, int, Any] | None:
+    """``(rank, world_size, gather)`` when a torch process group of more than one process is
+    initialised (torchrun); ``None`` otherwise. Looks only if torch is already imported, so
+    runtimes without torch never import it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    world = dist.get_world_size()
+    if world <= 1:
+        return None
+    rank = dist.get_rank()
 
-    return {"nearest": InterpolationMode.NEAREST, "bicubic": InterpolationMode.BICUBIC
-            }.get(name, InterpolationMode.BILINEAR)
+    def gather(rows: list[Prediction]) -> list[list[Prediction]] | None:
+        out: list[Any] = [None] * world if rank == 0 else []
+        dist.gather_object(rows, out if rank == 0 else None, dst=0)
+        return out if rank == 0 else None
+
+    return rank, world, gather
 
 
-def _tensor_eval_transform(img: torch.Tensor, transform: Any) -> torch.Tensor:
-    """The eval transform on a decoded uint8 ``[3,H,W]`` tensor (on any device): resize
-    with antialiasing, rounded to 8 bits like PIL, centre crop, scale, normalise."""
-    from torchvision.transforms import functional as F
+class Predictor(Runner):
+    """A :class:`Runner` on the torch runtime: ``loaded``'s model moved to ``device`` (in
+    place) and put in eval mode."""
 
-    rs = transform.resize_size
-    size = [rs] if isinstance(rs, int) else list(rs)
-    x = img.float()
-    x = F.resize(x, size, interpolation=_tensor_interpolation(transform.interpolation),
-                 antialias=True).round_().clamp_(0, 255)
-    x = F.center_crop(x, list(transform.crop_size)).div_(255)
-    return F.normalize(x, list(transform.mean), list(transform.std))
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
+                 device: str | torch.device = "auto", precision: str = "32",
+                 channels_last: bool = False, workers: int | None = None,
+                 decode: str = "pil", warn: Warn = warn_stderr):
+        from toolkit.data.transforms import eval_transform
+        from toolkit.predict.torch_runtime import TorchRuntime
+
+        if decode not in DECODERS:
+            raise TkError(f"--decode {decode}: expected one of {', '.join(DECODERS)}")
+        transform = eval_transform(loaded.data_config)
+        self.loaded = loaded
+        runtime = TorchRuntime(loaded.model, transform, device=device, precision=precision,
+                               channels_last=channels_last, jpeg=decode == "torchvision")
+        super().__init__(runtime, transform, loaded.classes, batch_size=batch_size, topk=topk,
+                         workers=workers, decode=decode, warn=warn)
+        self.device = runtime.device
+        self.model = runtime.model
+
+    def predict_tensors(self, images: torch.Tensor) -> list[Prediction]:
+        """Rows for preprocessed images ``[N,3,H,W]`` (``path`` None, ``index`` = row)."""
+        logits = self.runtime.logits(images, self.batch_size)  # type: ignore[attr-defined]
+        if not len(logits):
+            return []
+        scores, ids = top_k(logits, self.topk)
+        out: list[Prediction] = []
+        for j in range(len(logits)):
+            top = [(self.classes[int(c)], round(float(s), 6))
+                   for s, c in zip(scores[j], ids[j], strict=True)]
+            out.append(Prediction(None, top[0][0], top[0][1], top, None, j))
+        return out
 
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
