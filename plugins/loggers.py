@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib
 import json
 import os
 from pathlib import Path
@@ -28,12 +27,10 @@ from toolkit.plugin.hookspecs import hookimpl
 NOT_PARAMS = ("store", "quiet", "overwrite", "resume", "log", "log_dir", "classes", "name")
 
 
-def _need(module: str, logger: str, package: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise TkError(f"--log {logger} needs the {package} package ({exc}): "
-                      f"pip install 'tk-microtoolkit[{extra}]'") from None
+def _missing(logger: str, exc: ImportError) -> TkError:
+    """The one line for a logger whose library is not installed (the extra has its name)."""
+    return TkError(f"--log {logger} needs the {logger} package ({exc}): "
+                   f"pip install 'tk-microtoolkit[{logger}]'")
 
 
 def _folder(path: str | Path, logger: str) -> Path:
@@ -90,7 +87,10 @@ class TensorBoardLogger:
     the config as text, the training curves and confusion matrix as images."""
 
     def __init__(self, log_dir: str, run_name: str):
-        _need("tensorboard", "tensorboard", "tensorboard", "tensorboard")
+        try:
+            import tensorboard  # noqa: F401 - torch's SummaryWriter needs it
+        except ImportError as exc:
+            raise _missing("tensorboard", exc) from None
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_name = run_name
@@ -158,8 +158,10 @@ class MLflowLogger:
     ``tk.model`` and ``tk.version``; the run's status follows the tk run's ending."""
 
     def __init__(self, log_dir: str, run_name: str, log_root: str | None = None):
-        _need("mlflow", "mlflow", "mlflow", "mlflow")
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise _missing("mlflow", exc) from None
 
         from toolkit import __version__
 
