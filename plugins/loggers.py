@@ -171,6 +171,7 @@ class MLflowLogger:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         else:  # a server that does not answer: fail in seconds, not minutes of retries
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.run_name, self.version = run_name, __version__
         try:  # reach the store now: a wrong URI stops the run before training, not after

@@ -169,13 +169,19 @@ FLAKY = textwrap.dedent("""
 def test_a_failing_logger_is_reported_once_and_training_goes_on(
         tmp_path: Path, colours: Path) -> None:
     """Also: a third-party logger, --log-dir from a --config file, --log on the command
-    line replacing the file's list."""
+    line replacing the file's list, MLFLOW_TRACKING_URI over --log-dir for MLflow."""
+    from mlflow.tracking import MlflowClient
+
     plugin = tmp_path / "flakylog.py"
     plugin.write_text(FLAKY)
     config = tmp_path / "run.toml"
     config.write_text('log = ["tensorboard"]\nlog-dir = "my-logs"\n')
+    tracking = (tmp_path / "tracking").as_uri()
     out = finetune(tmp_path, colours, "--epochs", "4", "--config", str(config),
-                   "--log", "flaky", "--log", "csv", plugins=(TINY_PLUGIN, str(plugin)))
+                   "--log", "flaky", "--log", "csv", "--log", "mlflow",
+                   plugins=(TINY_PLUGIN, str(plugin)),
+                   env={"MLFLOW_TRACKING_URI": tracking, "MLFLOW_EXPERIMENT_NAME": "flaky",
+                        "MLFLOW_ALLOW_FILE_STORE": "true"})
     assert out.returncode == 0, out.stderr
     warnings = [line for line in out.stderr.splitlines() if "warning" in line]
     assert warnings == [f"tk: warning: logger 'flakylog:flaky' (--plugin {plugin}) failed in "
@@ -186,8 +192,28 @@ def test_a_failing_logger_is_reported_once_and_training_goes_on(
     with open(logs / "metrics.csv", newline="") as fh:  # the other logger saw every epoch
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
     assert sorted(p.name for p in logs.iterdir()) == ["calls.txt", "metrics.csv"]
+    # MLflow went where MLFLOW_TRACKING_URI says (not --log-dir, not ./mlruns)
+    assert not (tmp_path / "mlruns").exists()
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3,
+                                                                                      4]
     assert (tmp_path / "home" / "tk" / "models" / "run.safetensors").is_file()
     assert not (tmp_path / "home" / "tk" / "runs" / "run").exists()
+
+
+def test_an_unreachable_mlflow_server_is_one_line_before_training(tmp_path: Path,
+                                                                  colours: Path) -> None:
+    out = finetune(tmp_path, colours, "--log", "mlflow",
+                   env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "tk: error: --log mlflow: cannot use the tracking store http://127.0.0.1:9 (")
+    assert not (tmp_path / "home" / "tk" / "models").exists() or not any(
+        (tmp_path / "home" / "tk" / "models").iterdir())
 
 
 # -- in-process: the manager's part ----------------------------------------------------------
