@@ -51,6 +51,7 @@ def study_trials(store: Path, study: str) -> list[Any]:
     return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
 
 
+@pytest.mark.slow
 def test_a_study_prunes_keeps_the_best_model_and_continues(tmp_path: Path,
                                                            colours: Path) -> None:
     import optuna
@@ -92,14 +93,21 @@ def test_a_study_prunes_keeps_the_best_model_and_continues(tmp_path: Path,
     frozen = sum(t["params"]["freeze"] == "all" and t["epochs"] > 0 for t in result["trials"])
     assert out.stderr.count("feature cache: using") >= frozen - 1
 
-    # the same study again: 2 more trials, 8 in all
-    again = run_tk(*tune_args(colours, space, "--trials", "2", "--study", "best"),
+    # the same study again: 2 more trials, 8 in all (Hyperband this time; every trial
+    # logs its epochs with --log csv, in its own run folder)
+    again = run_tk(*tune_args(colours, space, "--trials", "2", "--study", "best",
+                              "--pruner", "hyperband", "--log", "csv"),
                    home=home, plugins=[TINY_PLUGIN], env=FAST, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "study 'best' in sqlite:///" in again.stderr and "6 trial(s) so far" in again.stderr
+    assert "maximize val_acc, pruner hyperband" in again.stderr
     trials = study_trials(store, "best")
     assert [t.number for t in trials] == list(range(8))
     assert all(t.state.is_finished() for t in trials)
+    for t in trials[6:]:
+        logged = store / "runs" / f"best-trial{t.number}" / "logs" / "metrics.csv"
+        rows = logged.read_text().splitlines()[1:]
+        assert [int(r.split(",")[0]) for r in rows] == sorted(t.intermediate_values)
     lines = again.stdout.splitlines()  # the table: a header and a row per trial
     assert lines[0].split()[:5] == ["trial", "state", "val_acc", "epochs", "seconds"]
     assert len(lines) == 9 and sum(line.split()[0].endswith("*") for line in lines) == 1
@@ -127,6 +135,35 @@ def test_two_processes_on_one_sqlite_storage_share_the_study(tmp_path: Path,
     assert len(params) == 4  # no two trials drew the same values
     models = sorted(p.name for p in (home / "tk" / "models").iterdir())
     assert models == ["shared.safetensors"]
+
+
+def test_timeout_ends_the_study_and_keep_trials_keeps_every_model(tmp_path: Path,
+                                                                   colours: Path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text('lr = {low = 0.01, high = 0.1, log = true}\n')
+    home, store = tmp_path / "home", tmp_path / "home" / "tk"
+    out = run_tk(*tune_args(colours, space, "--trials", "1000", "--timeout", "0.5",
+                            "--keep-trials", "--name", "kept", "--epochs", "1", "--json"),
+                 home=home, plugins=[TINY_PLUGIN], env=FAST, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    done = [t["number"] for t in result["trials"] if t["state"] == "complete"]
+    assert 1 <= len(result["trials"]) < 1000 and done  # no new trial after the timeout
+    models = sorted(p.name for p in (store / "models").iterdir())
+    assert models == sorted(["kept.safetensors", *(f"kept-trial{n}.safetensors"
+                                                   for n in done)])
+
+
+@pytest.mark.parametrize("pruner,kind", [("median", "MedianPruner"),
+                                         ("hyperband", "HyperbandPruner"),
+                                         ("none", "NopPruner")])
+def test_the_pruner_is_the_one_asked_for(tmp_path: Path, colours: Path, pruner: str,
+                                         kind: str) -> None:
+    from toolkit.train.tune import Search, TuneArgs
+
+    given = {"backbone": "tiny-cnn", "data": str(colours), "store": str(tmp_path / "s")}
+    study = Search(TuneArgs(given=given, pruner=pruner), plugins(), log=print).prepare()
+    assert type(study.pruner).__name__ == kind
 
 
 def test_ctrl_c_ends_the_study_cleanly_keeping_finished_trials(tmp_path: Path,

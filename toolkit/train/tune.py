@@ -699,7 +699,7 @@ class Search:
         study = self.prepare()
         self.log(f"study '{self.study_name}' in {shown_url(self.storage_url)}: "
                  f"{len(study.trials)} trial(s) so far; {self.args.trials} more, "
-                 f"{self.direction} {self.args.metric}; space: "
+                 f"{self.direction} {self.args.metric}, pruner {self.args.pruner}; space: "
                  + "; ".join(p.describe() for p in self.space))
         interrupted = False
         try:
