@@ -606,8 +606,8 @@ class Search:
             complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
             best = None
             if complete:
-                pick = max if self.direction == "maximize" else min
-                best = pick(complete, key=lambda t: (t.value, -t.number))
+                sign = 1 if self.direction == "maximize" else -1  # ties: the earlier trial
+                best = max(complete, key=lambda t: (sign * t.value, -t.number))
             if best is not None:
                 self._publish(best)
             if not self.args.keep_trials:
