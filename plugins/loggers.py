@@ -166,6 +166,8 @@ class MLflowLogger:
         from toolkit import __version__
 
         self.uri = mlflow_tracking_uri(log_root)
+        # MLflow writes "View run ... at URL" to stdout, where tk's --json output goes
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if self.uri.startswith("file:"):
             # MLflow 3 keeps the file store only on request; tk's default local store is one
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,67 @@ def test_an_unreachable_mlflow_server_is_one_line_before_training(tmp_path: Path
         "tk: error: --log mlflow: cannot use the tracking store http://127.0.0.1:9 (")
     assert not (tmp_path / "home" / "tk" / "models").exists() or not any(
         (tmp_path / "home" / "tk" / "models").iterdir())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 (its own process group, ended after)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "server"
+    folder.mkdir()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'db.sqlite'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=open(folder / "log", "w"),
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert server.poll() is None, (folder / "log").read_text()[-2000:]
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.slow
+def test_mlflow_logs_to_a_tracking_server(tmp_path: Path, colours: Path,
+                                          mlflow_server: str) -> None:
+    """MLFLOW_TRACKING_URI as a server URL: the run, its metrics and its artifacts (sent
+    through the server) are there, and --json stays the only thing on stdout."""
+    from mlflow.tracking import MlflowClient
+
+    out = finetune(tmp_path, colours, "--log", "mlflow", "--json",
+                   env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["name"] == "run"  # MLflow's "View run" line is not there
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("tk").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["tk.model"] == "run"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    artifacts = {a.path for folder in ("plots", "model")
+                 for a in client.list_artifacts(run.info.run_id, folder)}
+    assert artifacts == {"plots/curves.png", "plots/confusion.png", "model/run.safetensors"}
 
 
 # -- in-process: the manager's part ----------------------------------------------------------
