@@ -116,10 +116,10 @@ def tk_register_loggers(register: Register) -> None:
     """Register experiment loggers (what ``tk finetune --log NAME`` selects).
 
     :param register: call ``register(name, factory, **info)``; the factory is
-        ``factory(log_dir, run_name, **options) -> object`` and is called once per run that
+        ``factory(log_dir, run_name) -> object`` and is called once per run that
         selects it, before the first epoch (rank 0 only). ``log_dir`` is the run's own log
-        folder (``--log-dir DIR``/NAME, else ``$TK_HOME/runs/NAME/logs``; created on
-        demand), ``run_name`` the model's name; tk passes ``log_root`` (``--log-dir`` as
+        folder (``--log-dir DIR``/NAME, else ``$TK_HOME/runs/NAME/logs``; the logger
+        creates it), ``run_name`` the model's name; tk passes ``log_root`` (``--log-dir`` as
         given, absolute, or None) only when the signature names it. The object's methods
         marked with ``@hookimpl`` (``tk_train_start``, ``tk_epoch_end``,
         ``tk_model_saved``, ``tk_train_end``) observe that run only. Raise a
