@@ -154,6 +154,47 @@ def test_timeout_ends_the_study_and_keep_trials_keeps_every_model(tmp_path: Path
                                                    for n in done)])
 
 
+NAN_LOSS = """
+from toolkit.plugin.hookspecs import hookimpl
+
+
+def nan_loss():
+    import torch
+
+    class NaNLoss(torch.nn.Module):
+        def forward(self, logits, target):
+            return torch.nn.functional.cross_entropy(logits, target) * float("nan")
+
+    return NaNLoss()
+
+
+@hookimpl
+def tk_register_losses(register):
+    register("nan", nan_loss)
+"""
+
+
+def test_diverged_trials_count_as_pruned(tmp_path: Path, colours: Path) -> None:
+    """A loss that becomes NaN prunes its trial (no model, the study goes on); a study
+    with no finished trial saves no model and says so."""
+    plugin = tmp_path / "nanloss.py"
+    plugin.write_text(NAN_LOSS)
+    space = tmp_path / "space.toml"
+    space.write_text('lr = {low = 0.01, high = 0.1, log = true}\n')
+    home = tmp_path / "home"
+    out = run_tk(*tune_args(colours, space, "--trials", "2", "--loss", "nan", "--name", "nan",
+                            "--json"),
+                 home=home, plugins=[TINY_PLUGIN, str(plugin)], env=FAST, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert [t["state"] for t in result["trials"]] == ["pruned", "pruned"]
+    assert out.stderr.count("diverged: the training loss became nan in epoch 1") == 2
+    assert "no trial finished: no model saved" in out.stderr
+    assert result["best_trial"] is None and not result["saved"]
+    models = home / "tk" / "models"
+    assert not models.exists() or not any(models.iterdir())
+
+
 @pytest.mark.parametrize("pruner,kind", [("median", "MedianPruner"),
                                          ("hyperband", "HyperbandPruner"),
                                          ("none", "NopPruner")])

@@ -560,6 +560,7 @@ class Search:
         try:
             result = finetune(args, self.plugins, on_epoch_end=report, checkpoints=False)
         except NonFiniteLossError as exc:
+            self.log(f"trial {trial.number} diverged: {exc}")
             raise optuna.TrialPruned(f"diverged: {exc}") from None
         except TkError as exc:  # this trial's values do not work: the next ones may
             self.last_error = " ".join(str(exc).split())[:300]
