@@ -163,7 +163,7 @@ class MLflowLogger:
         except ImportError as exc:
             raise _missing("mlflow", exc) from None
 
-        from toolkit import __version__
+        from toolkit.version import __version__
 
         self.uri = mlflow_tracking_uri(log_root)
         # MLflow writes "View run ... at URL" to stdout, where tk's --json output goes
