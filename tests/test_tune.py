@@ -231,7 +231,8 @@ def test_ctrl_c_ends_the_study_cleanly_keeping_finished_trials(tmp_path: Path,
     trials = study_trials(home / "tk", "cut")
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]  # none left running
     assert (home / "tk" / "models" / "cut.safetensors").is_file()
-    assert sorted(p.name for p in (home / "tk" / "models").iterdir()) == ["cut.safetensors"]
+    models = sorted(p.name for p in (home / "tk" / "models").iterdir())
+    assert models == ["cut.safetensors"], err  # stderr says where the interrupt landed
     assert not any((home / "tk" / "runs").iterdir())
     assert out.splitlines()[0].startswith("trial")
 
