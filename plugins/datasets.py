@@ -16,9 +16,10 @@ given"), so the core can check option names against the signature.
     column with ``train`` / ``val`` fixes the split). A ``labels`` column instead of
     ``label`` makes it multi-label: classes separated by ``;``, empty for none (a seeded
     random split; ``task = "multi-label"``). ``val_path`` (``--val-data``): a second
-    manifest of the same kind for validation; its labels must be training classes. Relative paths are relative to the
-    manifest's folder (or ``root``); a path leaving that root (``..``, absolute, symlink)
-    is refused unless ``allow_outside_root=true``. Classes: the sorted unique labels.
+    manifest of the same kind for validation; its labels must be training classes.
+    Relative paths are relative to the manifest's folder (or ``root``); a path leaving
+    that root (``..``, absolute, symlink) is refused unless ``allow_outside_root=true``.
+    Classes: the sorted unique labels.
 ``shapes`` (``num_classes`` 2-10, default 5; ``samples`` 1200 in all; ``image_size`` 64)
     See :mod:`plugins.shapes`. Validation images are drawn from indices disjoint from the
     training ones.

@@ -121,3 +121,22 @@ def choose_lr(args: FinetuneArgs, optimizer: Any) -> tuple[float, str]:
     if registered is None:
         return DEFAULT_LR, "tk default"
     return registered, f"default_lr of {optimizer.qualified_name}"
+
+
+def loss_for_task(args: FinetuneArgs, components: Components, task: str, plugins: Any
+                  ) -> None:
+    """The loss fits the task the data has: without ``--loss``, the default a plugin
+    registers for that task (built-in: ``bce`` for multi-label); a loss named for the other
+    task is refused with one line."""
+    from toolkit.errors import TkError
+
+    loss = components.loss
+    if args.loss is None and loss.task != task:
+        loss = plugins.registry("losses").default(task)
+        loss.check_options(args.options["loss"])
+        components.loss = loss
+    if loss.task != task:
+        hint = ("a multi-label loss (tk list losses: bce, asl)" if task == "multi-label"
+                else "a single-label loss (e.g. cross-entropy, focal)")
+        raise TkError(f"--loss {loss.name} is a {loss.task} loss but the data is {task}: "
+                      f"use {hint}")
