@@ -270,7 +270,7 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
         assert stdout is not None
         stream, name = stdout, "standard output"
     writer = WRITERS[fmt](stream, runner.classes, runner.topk, csv_raw=args.csv_raw,
-                          name=name)
+                          name=name, multi_label=runner.thresholds is not None)
     progress = Progress(len(paths), "infer", enabled=not args.quiet)
     runner.warn = _warning_through(progress)
     rows = runner.predict_paths(paths)
