@@ -100,7 +100,8 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
 @cli.command("eval")
 @_runtime_options
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Image folder with one sub-folder per class (named like the model's).")
+              help="Image folder with one sub-folder per class (named like the model's); "
+                   "for a multi-label model a .csv manifest with a 'labels' column.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the confusion matrix into this PNG file.")
