@@ -382,14 +382,8 @@ def make_loss(args: FinetuneArgs, components: Components, data: Data, balance: B
 
     loss_c = components.loss
     given = dict(args.options["loss"])
-    if balance.loss_weights is not None:
+    if balance.loss_weights is not None:  # the loss takes them (checked by loss_for_task)
         key = "pos_weight" if data.task == "multi-label" else "class_weights"
-        accepted = loss_c.accepted_options(0)
-        if key in given:
-            raise TkError(f"--class-weights {args.class_weights} and --opt loss.{key} both "
-                          "set the class weights: keep one")
-        if accepted is not None and key not in accepted:
-            raise TkError(f"--class-weights: loss '{loss_c.name}' takes no {key} option")
         given[key] = balance.loss_weights
     loss_opts = with_accepted(loss_c, 0, {"num_classes": len(data.classes)}, given)
     return call_factory("loss", loss_c.name, loss_c.factory, options=given, **loss_opts)
