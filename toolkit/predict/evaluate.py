@@ -167,7 +167,7 @@ def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugi
                         batch_size: int = 32, device: Any = "auto", precision: str = "32",
                         channels_last: bool = False, workers: int | None = None,
                         decode: str = "pil", warn: Warn = warn_stderr,
-                        progress: bool = False) -> MultiLabelReport:
+                        progress: bool = False, tta: bool = False) -> MultiLabelReport:
     """Evaluate multi-label ``loaded`` on the manifest ``data`` (scores from the same runner
     as `tk infer`, metrics from :mod:`toolkit.metrics`)."""
     import numpy as np
@@ -181,7 +181,7 @@ def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugi
     c = len(classes)
     predictor = Predictor(loaded, batch_size=batch_size, topk=c, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, tta=tta)
     assert predictor.thresholds is not None
     index = {name: i for i, name in enumerate(classes)}
     probs, truth, failed = [], [], []
@@ -233,7 +233,7 @@ def format_multilabel(report: MultiLabelReport) -> str:
 def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: int = 32,
              device: Any = "auto", precision: str = "32", channels_last: bool = False,
              workers: int | None = None, decode: str = "pil", warn: Warn = warn_stderr,
-             progress: bool = False) -> EvalReport:
+             progress: bool = False, tta: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
     from toolkit.predict.writers import escape_control, escape_path
@@ -243,7 +243,7 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
     paths, labels = labelled_files(data, classes, warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=1, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, tta=tta)
     index = {c: i for i, c in enumerate(classes)}
     n = len(classes)
     confusion = [[0] * n for _ in range(n)]
@@ -293,6 +293,7 @@ class EvalArgs:
     workers: int | None = None
     decode: str = "pil"
     quiet: bool = False
+    tta: bool = False
 
 
 def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport | MultiLabelReport:
@@ -317,10 +318,12 @@ def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport | Mult
         return evaluate_multilabel(loaded, args.data, plugins, batch_size=args.batch_size,
                                    device=args.device, precision=args.precision,
                                    channels_last=args.channels_last, workers=args.workers,
-                                   decode=args.decode, progress=not args.quiet)
+                                   decode=args.decode, progress=not args.quiet,
+                                   tta=args.tta)
     report = evaluate(loaded, args.data, batch_size=args.batch_size, device=args.device,
                       precision=args.precision, channels_last=args.channels_last,
-                      workers=args.workers, decode=args.decode, progress=not args.quiet)
+                      workers=args.workers, decode=args.decode, progress=not args.quiet,
+                      tta=args.tta)
     if args.png is not None:
         from toolkit.plots import confusion_matrix
 

@@ -59,6 +59,7 @@ class InferArgs:
     decode: str = "pil"
     quiet: bool = False
     csv_raw: bool = False
+    tta: bool = False  # mean of the probabilities of the image and its mirror image
 
 
 @dataclass
@@ -249,7 +250,8 @@ def _torch_session(args: InferArgs, name: str, store: Any, plugins: Any, warn: A
         loaded = load_model(name, store, plugins=plugins, device="cpu")
         runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk, device=device,
                            precision=args.precision, channels_last=args.channels_last,
-                           workers=args.workers, decode=args.decode, warn=warn)
+                           workers=args.workers, decode=args.decode, warn=warn,
+                           tta=args.tta)
         yield runner, _Dist(info)
     finally:
         D.shutdown()

@@ -259,7 +259,7 @@ class Predictor(Runner):
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
                  channels_last: bool = False, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr):
+                 decode: str = "pil", warn: Warn = warn_stderr, tta: bool = False):
         from toolkit.data.transforms import eval_transform
         from toolkit.predict.scoring import thresholds_of
         from toolkit.predict.torch_runtime import TorchRuntime
@@ -268,11 +268,13 @@ class Predictor(Runner):
             raise TkError(f"--decode {decode}: expected one of {', '.join(DECODERS)}")
         transform = eval_transform(loaded.data_config)
         self.loaded = loaded
+        thresholds = thresholds_of(loaded.meta, len(loaded.classes))
         runtime = TorchRuntime(loaded.model, transform, device=device, precision=precision,
-                               channels_last=channels_last, jpeg=decode == "torchvision")
+                               channels_last=channels_last, jpeg=decode == "torchvision",
+                               tta=tta, multi_label=thresholds is not None)
         super().__init__(runtime, transform, loaded.classes, batch_size=batch_size, topk=topk,
                          workers=workers, decode=decode, warn=warn,
-                         thresholds=thresholds_of(loaded.meta, len(loaded.classes)))
+                         thresholds=thresholds)
         self.device = runtime.device
         self.model = runtime.model
 
@@ -288,14 +290,14 @@ class Predictor(Runner):
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
             channels_last: bool = False, workers: int | None = None, decode: str = "pil",
-            warn: Warn = warn_stderr) -> Iterator[Prediction]:
+            warn: Warn = warn_stderr, tta: bool = False) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
     :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
     paths = inputs if isinstance(inputs, PathList) else discover(
         inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs), warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, tta=tta)
     return predictor.predict_paths(paths)
 
 
