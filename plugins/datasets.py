@@ -304,7 +304,8 @@ def _read_manifest(mpath: Path, root: Any, allow_outside_root: Any
             multi = "labels" in cols
             if "path" not in cols or not ("label" in cols or multi):
                 raise DataError(f"manifest {mpath}: the header must have 'path' and 'label' "
-                                f"(or 'labels') columns (found: {', '.join(cols) or 'nothing'})")
+                                f"columns, or 'path' and 'labels' for multi-label (found: "
+                                f"{', '.join(cols) or 'nothing'})")
             ip, il = cols.index("path"), cols.index("labels" if multi else "label")
             isplit = cols.index("split") if "split" in cols else None
             for row in reader:

@@ -337,3 +337,55 @@ def test_multilabel_rows_scoring():
     assert [lab for lab, _ in rows[0].labels] == ["a"]  # c: 0.525 < its 0.6 threshold
     assert [lab for lab, _ in rows[0].top] == ["a", "c"]
     assert rows[1].labels == []
+
+
+# -- test-time augmentation ---------------------------------------------------------------------
+
+def test_tta_averages_the_probabilities_of_the_mirror_image(env: dict[str, str],
+                                                            tmp_path: Path):
+    """`tk infer --tta` and `tk eval --tta` score each image with the mean of the softmax
+    of it and of its mirror image (checked against the model run by hand)."""
+    import numpy as np
+    import torch
+    from conftest import save_colour_model
+    from PIL import Image
+
+    from model_store import ModelStore
+    from toolkit.data.transforms import eval_transform
+    from toolkit.model.loading import load_model
+    from toolkit.plugin.manager import load_plugins
+
+    store = tmp_path / "store"
+    save_colour_model(store, "plain")
+    plugins = load_plugins(modules=[TINY], env={})
+    loaded = load_model("plain", store, plugins=plugins)
+    torch.manual_seed(0)
+    with torch.no_grad():  # break the hand-set model's mirror symmetry
+        for p in loaded.model.backbone.parameters():
+            if p.dim() == 4:
+                p.add_(torch.randn_like(p) * 0.3)
+        loaded.model.head[-1].weight.mul_(0.1)  # probabilities away from 0 and 1
+    ModelStore(store).save("lopsided", loaded.model, loaded.meta)
+    folder = tmp_path / "images" / "red"
+    folder.mkdir(parents=True)
+    ramp = np.zeros((32, 32, 3), dtype=np.uint8)
+    ramp[..., 0] = np.linspace(40, 250, 32, dtype=np.uint8)[None, :]
+    ramp[..., 1] = np.linspace(200, 10, 32, dtype=np.uint8)[None, :]
+    Image.fromarray(ramp).save(folder / "ramp.png")
+
+    tta = json.loads(tk(["infer", str(folder), "--model", "lopsided", "--format", "jsonl",
+                         "--topk", "3", "--tta", "-q"], env).stdout)
+    model = load_model("lopsided", store, plugins=plugins)
+    x = eval_transform(model.data_config)(Image.open(folder / "ramp.png").convert("RGB"))[None]
+    with torch.no_grad():
+        probs = (model.model(x).softmax(1) + model.model(x.flip(3)).softmax(1)) / 2
+    expected = {c: float(p) for c, p in zip(model.classes, probs[0], strict=True)}
+    got = {t["label"]: t["score"] for t in tta["topk"]}
+    assert got == pytest.approx(expected, abs=2e-6)
+    with torch.no_grad():
+        unflipped = dict(zip(model.classes, model.model(x).softmax(1)[0].tolist(), strict=True))
+    assert max(abs(unflipped[c] - expected[c]) for c in expected) > 1e-3  # the mirror counts
+    report = json.loads(tk(["eval", "--model", "lopsided", "--data", str(tmp_path / "images"),
+                            "--tta", "--json", "-q"], env).stdout)
+    assert report["total"] == 1 and report["confusion"][0][0] + report["confusion"][0][1] \
+        + report["confusion"][0][2] == 1
