@@ -1,12 +1,14 @@
 """Does `--class-weights auto` / `--sampler balanced` help the minority class?
 
-Builds a controlled imbalanced image folder from the embedded shapes renderer (circle and
-triangle: MAJOR images each, square: MINOR), trains the same small CNN three times (plain,
---class-weights auto, --sampler balanced; same seed, same epochs) and evaluates each on a
-balanced held-out folder (rendered from other indices) with `tk eval`, printing per-class
-recall. Every step goes through the real `tk` command.
+A controlled imbalanced image folder: three classes of 32 px images whose colour (the red
+level, with noise) is drawn from overlapping normal distributions (means 90, 130, 170,
+sd 22), so the best boundary between two classes depends on how common each is. The middle
+class is the minority (MINOR images against MAJOR of each other class). The same small CNN
+is trained three times (plain, --class-weights auto, --sampler balanced; same seed and
+epochs) and evaluated with `tk eval` on a balanced held-out folder drawn the same way,
+printing per-class recall. Every step goes through the real `tk` command.
 
-    python benchmarks/recipes_imbalance.py [--major 240] [--minor 12] [--epochs 6]
+    python benchmarks/recipes_imbalance.py [--major 200] [--minor 10] [--epochs 4]
 
 Accuracy, not speed: the numbers do not depend on the machine being busy (CPU, fixed seed).
 """
@@ -23,16 +25,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "plugins_for_tests" / "tiny.py")
-KINDS = ("circle", "triangle", "square")
+KINDS = ("low", "middle", "high")
 
 
-def render(folder: Path, counts: dict[str, int], offset: int, size: int = 32) -> None:
-    from plugins.shapes import render as draw
+MEANS = {"low": 90, "middle": 130, "high": 170}
+SD = 22
 
+
+def render(folder: Path, counts: dict[str, int], seed: int, size: int = 32) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
     for kind, n in counts.items():
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            draw(kind, 7, offset + i, size).save(folder / kind / f"{offset + i:05d}.png")
+            red = rng.normal(MEANS[kind], SD)
+            pixels = rng.normal(0, 6, (size, size, 3)) + [red, 110, 110]
+            Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(
+                folder / kind / f"{i:05d}.png")
 
 
 def tk(*args: str, env: dict[str, str]) -> str:
@@ -45,20 +56,20 @@ def tk(*args: str, env: dict[str, str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--major", type=int, default=240)
-    ap.add_argument("--minor", type=int, default=12)
-    ap.add_argument("--test", type=int, default=60)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--major", type=int, default=200)
+    ap.add_argument("--minor", type=int, default=10)
+    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=4)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        render(t / "train", {"circle": a.major, "triangle": a.major, "square": a.minor}, 0)
-        render(t / "test", dict.fromkeys(KINDS, a.test), 100_000)
+        render(t / "train", {"low": a.major, "middle": a.minor, "high": a.major}, 0)
+        render(t / "test", dict.fromkeys(KINDS, a.test), 1)
         env = dict(os.environ, TK_HOME=str(t / "store"), OMP_NUM_THREADS="1")
         runs = {"plain": [], "class-weights auto": ["--class-weights", "auto"],
                 "sampler balanced": ["--sampler", "balanced"]}
-        print(f"train: circle {a.major}, triangle {a.major}, square {a.minor}; test: "
-              f"{a.test} of each; tiny-cnn from scratch, {a.epochs} epochs, lr 0.01, seed 0")
+        print(f"train: low {a.major}, middle {a.minor}, high {a.major}; test: {a.test} of "
+              f"each; tiny-cnn from scratch, {a.epochs} epochs, lr 0.01, seed 0")
         print(f"{'run':<20} {'acc':>6} " + " ".join(f"{k + ' recall':>16}" for k in KINDS))
         for name, extra in runs.items():
             model = name.replace(" ", "-")

@@ -389,3 +389,43 @@ def test_tta_averages_the_probabilities_of_the_mirror_image(env: dict[str, str],
                             "--tta", "--json", "-q"], env).stdout)
     assert report["total"] == 1 and report["confusion"][0][0] + report["confusion"][0][1] \
         + report["confusion"][0][2] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_recipes_match_single_process(env: dict[str, str], tmp_path: Path):
+    """Under DDP (2 CPU processes, gloo) --accumulate skips the gradient sync on the first
+    batch of each step, the balanced sampler's draw is split between the ranks and the EMA
+    follows the synced weights: the run agrees with one process taking the same global
+    batches (the backbone frozen, so BatchNorm statistics are fixed)."""
+    from test_scale import COMPARABLE, torchrun
+
+    recipes = ["--accumulate", "2", "--ema", "0.9", "--sampler", "balanced"]
+    single = subprocess.run([sys.executable, "-m", "toolkit", *COMPARABLE, *recipes,
+                             "--batch-size", "16", "--name", "single"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun([*COMPARABLE, *recipes, "--batch-size", "8", "--name", "ddp"], env)
+    assert ddp.returncode == 0, ddp.stderr
+    one = json.loads(single.stdout)["history"]
+    two = json.loads(ddp.stdout.strip().splitlines()[-1])["history"]
+    for a, b in zip(one, two, strict=True):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+        for key in ("train_loss", "raw_val_loss", "ema_val_loss"):
+            assert abs(a[key] - b[key]) < 1e-3, key
+
+
+def test_recipes_in_a_config_file(tmp_path: Path):
+    from toolkit.errors import TkError
+    from toolkit.train.config import finetune_args
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('backbone = "tiny-cnn"\nema = 0.999\naccumulate = 4\nmixup = 0.2\n'
+                   'cutmix = 1\nclass-weights = "auto"\nsampler = "balanced"\n'
+                   'multi_label = true\nthreshold = 0.4\n')
+    args = finetune_args({"accumulate": 2}, config=cfg)  # the command line wins
+    assert (args.ema, args.accumulate, args.mixup, args.cutmix, args.class_weights,
+            args.sampler, args.multi_label, args.threshold) == (
+        0.999, 2, 0.2, 1.0, "auto", "balanced", True, 0.4)
+    cfg.write_text('backbone = "tiny-cnn"\nsampler = "random"\n')
+    with pytest.raises(TkError, match="--sampler random: expected one of balanced"):
+        finetune_args({}, config=cfg)

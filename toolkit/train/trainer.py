@@ -5,8 +5,8 @@ model and early stopping. Each job has its own part:
 - :class:`toolkit.train.loop.Loop`: one training epoch, one evaluation pass;
 - :class:`toolkit.train.progress.Progress`: history, best epoch and weights, early stop;
 - :class:`Nets`: the modules an epoch runs (compiled once, DDP-wrapped in one place);
-- :class:`Recipes`: the training recipes' hooks (EMA, MixUp/CutMix, the balanced sampler's
-  weights), so the loop only sees two callables;
+- :class:`Recipes`: the training recipes' state and hooks (EMA, MixUp/CutMix), so the loop
+  only sees two callables (the balanced sampler's weights go to the epoch sampler);
 - :mod:`toolkit.train.resume`: what a checkpoint holds, and restoring a run from one;
 - :mod:`toolkit.train.checkpoint`: storing and reading state faithfully;
 - :class:`Trainer`: the order of it all.
