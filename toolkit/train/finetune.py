@@ -67,6 +67,7 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
             if session.is_main:
                 plugins.notify("tk_train_start", config=dict(record, classes=data.classes))
                 session.log(describe_run(components, data, built, plan, session))
+                say_balance(args, data, plan.balance, session.log)
             try:
                 result = trainer.fit(resume=args.resume, saved=saved)
             except KeyboardInterrupt:
@@ -351,9 +352,9 @@ class Balance:
     sample_weights: list[float] | None = None
 
 
-def class_balance(args: FinetuneArgs, data: Data, train_set: Any, log: Any) -> Balance:
-    """Count the training images per class (said, with a warning when imbalanced); the loss
-    weights of ``--class-weights`` and the image weights of ``--sampler balanced``."""
+def class_balance(args: FinetuneArgs, data: Data, train_set: Any) -> Balance:
+    """Count the training images per class; the loss weights of ``--class-weights`` and the
+    image weights of ``--sampler balanced``."""
     from toolkit.train import balance as B
 
     targets = B.targets_of(train_set)
@@ -363,7 +364,6 @@ def class_balance(args: FinetuneArgs, data: Data, train_set: Any, log: Any) -> B
                             "labels (a 'targets' attribute); this one does not")
         return Balance(None)
     counts = B.class_counts(targets, len(data.classes))
-    B.check_counts(counts, data.classes, log, bool(args.class_weights or args.sampler))
     out = Balance(counts)
     if args.class_weights:
         out.loss_weights = B.loss_weights(counts, len(targets), args.class_weights,
@@ -371,6 +371,16 @@ def class_balance(args: FinetuneArgs, data: Data, train_set: Any, log: Any) -> B
     if args.sampler == "balanced":
         out.sample_weights = B.sample_weights(targets, counts)
     return out
+
+
+def say_balance(args: FinetuneArgs, data: Data, balance: Balance | None, log: Any) -> None:
+    """The counts per class, and a warning when they are far apart (after a resume's
+    checkpoint was accepted: a refused resume stays one line)."""
+    from toolkit.train import balance as B
+
+    if balance is not None and balance.counts is not None:
+        B.check_counts(balance.counts, data.classes, log,
+                       bool(args.class_weights or args.sampler))
 
 
 def make_loss(args: FinetuneArgs, components: Components, data: Data, balance: Balance
@@ -422,7 +432,7 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
         eval_transform(built.data_config), val_split=args.val_split, seed=args.seed)
     if len(val_set) == 0:
         raise DataError("the validation split is empty: add images or raise --val-split")
-    balance = class_balance(args, data, train_set, session.log)
+    balance = class_balance(args, data, train_set)
     loss_fn = make_loss(args, components, data, balance)
     if use_cache:
         train_set, val_set = features.cached_features(
