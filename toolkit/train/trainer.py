@@ -242,7 +242,8 @@ class Trainer:
             self._end_epoch(progress, metrics, improved, opt, scaler)
             if progress.should_stop(cfg.patience, cfg.epochs):
                 if self.dist.is_main:
-                    self.log(f"early stopping: no val-accuracy gain for {cfg.patience} epochs")
+                    what = "val mAP" if cfg.monitor == "val_map" else "val-accuracy"
+                    self.log(f"early stopping: no {what} gain for {cfg.patience} epochs")
                 stopped_early = True
                 break
         assert progress.best_state is not None and progress.best_confusion is not None
