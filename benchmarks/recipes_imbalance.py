@@ -5,8 +5,9 @@ level, with noise) is drawn from overlapping normal distributions (means 90, 130
 sd 22), so the best boundary between two classes depends on how common each is. The middle
 class is the minority (MINOR images against MAJOR of each other class). The same small CNN
 is trained three times (plain, --class-weights auto, --sampler balanced; same seed and
-epochs) and evaluated with `tk eval` on a balanced held-out folder drawn the same way,
-printing per-class recall. Every step goes through the real `tk` command.
+epochs; a balanced --val-data folder picks the best epoch) and evaluated with `tk eval` on
+a balanced held-out folder drawn the same way, printing per-class recall. Every step goes
+through the real `tk` command.
 
     python benchmarks/recipes_imbalance.py [--major 200] [--minor 10] [--epochs 4]
 
@@ -59,21 +60,25 @@ def main() -> None:
     ap.add_argument("--major", type=int, default=200)
     ap.add_argument("--minor", type=int, default=10)
     ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--val", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=4)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         render(t / "train", {"low": a.major, "middle": a.minor, "high": a.major}, 0)
+        render(t / "val", dict.fromkeys(KINDS, a.val), 2)
         render(t / "test", dict.fromkeys(KINDS, a.test), 1)
         env = dict(os.environ, TK_HOME=str(t / "store"), OMP_NUM_THREADS="1")
         runs = {"plain": [], "class-weights auto": ["--class-weights", "auto"],
                 "sampler balanced": ["--sampler", "balanced"]}
-        print(f"train: low {a.major}, middle {a.minor}, high {a.major}; test: {a.test} of "
-              f"each; tiny-cnn from scratch, {a.epochs} epochs, lr 0.01, seed 0")
+        print(f"train: low {a.major}, middle {a.minor}, high {a.major}; validation: {a.val} "
+              f"of each; test: {a.test} of each; tiny-cnn from scratch, {a.epochs} epochs, "
+              "lr 0.01, seed 0")
         print(f"{'run':<20} {'acc':>6} " + " ".join(f"{k + ' recall':>16}" for k in KINDS))
         for name, extra in runs.items():
             model = name.replace(" ", "-")
-            tk("finetune", "--backbone", "tiny-cnn", "--data", str(t / "train"), "--epochs",
+            tk("finetune", "--backbone", "tiny-cnn", "--data", str(t / "train"),
+               "--val-data", str(t / "val"), "--epochs",
                str(a.epochs), "--lr", "0.01", "--batch-size", "32", "--no-pretrained",
                "--device", "cpu", "--seed", "0", "--name", model, "-q", *extra, env=env)
             report = json.loads(tk("eval", "--model", model, "--data", str(t / "test"),
