@@ -54,6 +54,24 @@ def _freeze_value(value: str) -> str:
 @click.option("--augment/--no-augment", default=None, help="Train-time augmentation [on].")
 @click.option("--cache-features/--no-cache-features", default=None,
               help="Cache frozen-backbone features [auto: --freeze all and --no-augment].")
+@click.option("--multi-label", is_flag=True, default=None,
+              help="The dataset plugin's targets are multi-hot (a csv with a 'labels' column "
+                   "is multi-label by itself).")
+@click.option("--threshold", type=float,
+              help="Multi-label: one decision threshold for all classes [chosen per class "
+                   "on the validation split to maximise F1].")
+@click.option("--class-weights", type=click.Choice(["auto", "effective"]),
+              help="Weigh the loss by class: auto = inverse frequency (multi-label: "
+                   "pos_weight), effective = effective number of samples.")
+@click.option("--sampler", type=click.Choice(["balanced"]),
+              help="balanced: draw training images with class-balanced weights (seeded).")
+@click.option("--accumulate", type=int,
+              help="Micro-batches per optimizer step (gradient accumulation) [1].")
+@click.option("--ema", type=float, metavar="DECAY",
+              help="Keep an exponential moving average of the weights (e.g. 0.999); "
+                   "validated each epoch, saved when better.")
+@click.option("--mixup", type=float, metavar="ALPHA", help="MixUp with this alpha [off].")
+@click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix with this alpha [off].")
 @click.option("--name", help="Model name in the store [backbone-dataset-time].")
 @click.option("--store", type=click.Path(), help="Model store directory [$TK_HOME].")
 @click.option("--config", "config_file", type=click.Path(),

@@ -39,6 +39,9 @@ def _runtime_options(func: Any, *, exported: bool = False) -> Any:
                      help="pil: exact eval transform; draft: reduced-size decoding of large "
                      "JPEGs (faster, pixels differ slightly); torchvision: JPEGs decoded on "
                      "the model's device (nvJPEG on CUDA)."),
+        click.option("--tta", is_flag=True,
+                     help="Test-time augmentation: average the probabilities of each image "
+                     "and its mirror image (twice the model time)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
         store_option,
         click.option("--model", metavar="NAME|FILE.onnx" if exported else "NAME",
@@ -70,14 +73,17 @@ def _runtime_options(func: Any, *, exported: bool = False) -> Any:
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
                   resume: bool, csv_raw: bool, runtime: str, device: str, precision: str,
-                  channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+                  channels_last: bool, workers: int | None, decode: str, quiet: bool,
+                  tta: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
     \b
     Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff
     files (any case; hidden files skipped), in sorted order; files named explicitly are
     always read. One row per file: data on stdout (or -o), progress and summary on stderr.
-    jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"}.
+    jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"};
+    a multi-label model's rows add "labels" and "label_scores" (the classes whose score
+    reaches their threshold; csv: ';'-joined columns).
     A file that cannot be read gets a row with "error" set; the run goes on.
     Paths are valid UTF-8: a byte of a file name that is not UTF-8 is written \\xNN and
     a backslash is doubled. -o may not be an input file or a file of the model store.
@@ -104,7 +110,7 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      topk=topk, format=fmt, output=str(output) if output else None,
                      resume=resume, device=device, precision=precision,
                      channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
-                     csv_raw=csv_raw, runtime=runtime)
+                     csv_raw=csv_raw, runtime=runtime, tta=tta)
     state = get_state()
     try:  # plugins are loaded only for a stored model (an exported file needs none)
         summary = run_infer(args, lambda: state.plugins)
@@ -117,13 +123,15 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
 @cli.command("eval")
 @_runtime_options
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Image folder with one sub-folder per class (named like the model's).")
+              help="Image folder with one sub-folder per class (named like the model's); "
+                   "for a multi-label model a .csv manifest with a 'labels' column.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the confusion matrix into this PNG file.")
 def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json: bool,
                  png: Path | None, batch_size: int, device: str, precision: str,
-                 channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+                 channels_last: bool, workers: int | None, decode: str, quiet: bool,
+                 tta: bool) -> None:
     """Accuracy, per-class precision / recall / F1 and confusion matrix of a stored model
     on a labelled image folder.
 
@@ -137,7 +145,7 @@ def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json:
     args = EvalArgs(data=str(data), model=model, store=str(store_dir) if store_dir else None,
                     png=str(png) if png else None, batch_size=batch_size, device=device,
                     precision=precision, channels_last=channels_last, workers=workers,
-                    decode=decode, quiet=quiet)
+                    decode=decode, quiet=quiet, tta=tta)
     report = run_eval(args, get_state().plugins,
                       log=lambda message: click.echo(f"tk: {message}", err=True))
     if as_json:

@@ -38,8 +38,10 @@ class Register(Protocol):
 
 class EpochMetrics(TypedDict, total=False):
     """What ``tk_epoch_end`` receives as ``metrics`` (``val_top5`` only with more than five
-    classes; every other key always). Later versions of tk may add keys: ignore unknown
-    ones."""
+    classes, ``val_map`` and the F1s only for multi-label data, ``ema`` only with ``--ema``,
+    which also adds ``raw_val_loss``, ``ema_val_loss`` and ``raw_`` / ``ema_`` copies of
+    the monitored metric; every other key always). Later versions of tk may add keys:
+    ignore unknown ones."""
 
     epoch: int  # the epoch just finished, from 1
     train_loss: float  # mean training loss over the epoch's samples
@@ -51,6 +53,10 @@ class EpochMetrics(TypedDict, total=False):
     val_top5: float  # validation top-5 accuracy, 0..1 (more than five classes only)
     val_samples: int  # validation images counted
     epoch_time: float  # seconds the epoch took, training and validation
+    val_map: float  # multi-label: mean average precision over the classes, 0..1
+    val_f1_micro: float  # multi-label: micro F1 at threshold 0.5
+    val_f1_macro: float  # multi-label: macro F1 at threshold 0.5
+    ema: float  # --ema: 1.0 when the val metrics are the EMA weights', 0.0 the raw ones'
 
 
 @hookspec

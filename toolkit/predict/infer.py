@@ -60,6 +60,7 @@ class InferArgs:
     quiet: bool = False
     csv_raw: bool = False
     runtime: str = "auto"  # auto: onnx for an exported file, torch for a stored model
+    tta: bool = False  # mean of the probabilities of the image and its mirror image
 
 
 @dataclass
@@ -272,7 +273,7 @@ def _session(args: InferArgs, ref: Any, store: Any, plugins: Any, warn: Any
     try:
         with open_predictor(ref, store=store, device=device, precision=args.precision,
                             channels_last=args.channels_last, decode=args.decode,
-                            plugins=plugins) as opened:
+                            tta=args.tta, plugins=plugins) as opened:
             runner = opened.runner(batch_size=args.batch_size, topk=args.topk,
                                    workers=args.workers, decode=args.decode, warn=warn)
             yield runner, _Dist(info)
@@ -298,7 +299,7 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
         assert stdout is not None
         stream, name = stdout, "standard output"
     writer = WRITERS[fmt](stream, runner.classes, runner.topk, csv_raw=args.csv_raw,
-                          name=name)
+                          name=name, multi_label=runner.thresholds is not None)
     progress = Progress(len(paths), "infer", enabled=not args.quiet)
     runner.warn = _warning_through(progress)
     rows = runner.predict_paths(paths)

@@ -173,16 +173,18 @@ class OpenedModel:
         """A :class:`~toolkit.predict.runner.Runner` over this model (files -> rows)."""
         from toolkit.data.listing import warn_stderr
         from toolkit.predict.runner import Runner
+        from toolkit.predict.scoring import thresholds_of
 
         return Runner(self.runtime, self.transform, self.classes, batch_size=batch_size,
-                      topk=topk, workers=workers, decode=decode, warn=warn or warn_stderr)
+                      topk=topk, workers=workers, decode=decode, warn=warn or warn_stderr,
+                      thresholds=thresholds_of(self.meta, len(self.classes)))
 
 
 @contextlib.contextmanager
 def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
                    store: ModelStore | str | os.PathLike[str] | None = None,
                    runtime: str = "auto", device: Any = "auto", precision: str = "32",
-                   channels_last: bool = False, decode: str = "pil",
+                   channels_last: bool = False, decode: str = "pil", tta: bool = False,
                    plugins: PluginsArg = None, threads: int | None = None,
                    log: Log = _quiet) -> Iterator[OpenedModel]:
     """Open ``model`` (a stored name, an exported ``.onnx`` path, a :class:`ModelRef` from
@@ -190,20 +192,24 @@ def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
 
     torch (stored models): ``device`` (``auto``, ``cpu``, ``cuda:N``, ``mps`` or a
     ``torch.device``), ``precision``, ``channels_last``, ``decode="torchvision"`` (the
-    runtime then accepts JPEG bytes), ``plugins`` (loaded plugins, a callable giving them,
+    runtime then accepts JPEG bytes), ``tta`` (mirror averaging), ``plugins`` (loaded plugins, a callable giving them,
     or None for the installed ones) apply. onnx (exported files): ``device`` (``auto``,
     ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads [the usable cores]) apply;
-    ``precision`` other than ``32``/``auto`` and ``channels_last`` are refused in one line
+    ``precision`` other than ``32``/``auto``, ``channels_last`` and ``tta`` are refused in one line
     (an export's precision is chosen by ``tk export [--int8]``). Never imports torch for an
     exported file."""
     ref = model if isinstance(model, ModelRef) else resolve_model(
         model, store=store, runtime=runtime, log=log)
     if ref.kind == "onnx":
+        if tta:
+            raise TkError("--tta runs on the torch runtime (a stored model), not on an "
+                          "exported file")
         yield _open_onnx(ref, device=device, precision=precision,
                          channels_last=channels_last, threads=threads)
     else:
         yield _open_torch(ref, store=store, device=device, precision=precision,
-                          channels_last=channels_last, decode=decode, plugins=plugins)
+                          channels_last=channels_last, decode=decode, tta=tta,
+                          plugins=plugins)
 
 
 def _open_onnx(ref: ModelRef, *, device: Any, precision: str, channels_last: bool,
@@ -236,13 +242,17 @@ def _open_onnx(ref: ModelRef, *, device: Any, precision: str, channels_last: boo
     }
     if info.calibration:
         meta["calibration"] = dict(info.calibration)
+    if info.task == "multi-label" and info.thresholds:
+        meta["thresholds"] = list(info.thresholds)
     return OpenedModel(ref, rt, transform, list(info.classes), meta, device=rt.device)
 
 
 def _open_torch(ref: ModelRef, *, store: Any, device: Any, precision: str,
-                channels_last: bool, decode: str, plugins: PluginsArg) -> OpenedModel:
+                channels_last: bool, decode: str, tta: bool,
+                plugins: PluginsArg) -> OpenedModel:
     from toolkit.data.transforms import eval_transform
     from toolkit.model.loading import load_model
+    from toolkit.predict.scoring import thresholds_of
     from toolkit.predict.torch_runtime import TorchRuntime
 
     if callable(plugins) and not hasattr(plugins, "registry"):
@@ -250,7 +260,8 @@ def _open_torch(ref: ModelRef, *, store: Any, device: Any, precision: str,
     loaded = load_model(ref.name, store, plugins=plugins, device="cpu")
     transform = eval_transform(loaded.data_config)
     rt = TorchRuntime(loaded.model, transform, device=device, precision=precision,
-                      channels_last=channels_last, jpeg=decode == "torchvision")
+                      channels_last=channels_last, jpeg=decode == "torchvision", tta=tta,
+                      multi_label=thresholds_of(loaded.meta, len(loaded.classes)) is not None)
     loaded.model = rt.model
     return OpenedModel(ref, rt, transform, list(loaded.classes), dict(loaded.meta),
                        device=str(rt.device), loaded=loaded)

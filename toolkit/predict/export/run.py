@@ -212,7 +212,7 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
                               classes=list(loaded.classes), preprocess=preprocess,
                               source=source, tk_version=__version__, exported=now_iso(),
                               task=str(meta.get("task", "single-label")), parity=parity,
-                              calibration=calibration)
+                              calibration=calibration, thresholds=meta.get("thresholds"))
 
     log(f"exporting '{args.model}' ({loaded.spec.backbone}, {h}x{w}) to {args.format}; "
         f"checking it on {len(parity_set)} {parity_set.source}")
