@@ -192,8 +192,8 @@ def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
 
     torch (stored models): ``device`` (``auto``, ``cpu``, ``cuda:N``, ``mps`` or a
     ``torch.device``), ``precision``, ``channels_last``, ``decode="torchvision"`` (the
-    runtime then accepts JPEG bytes), ``tta`` (mirror averaging), ``plugins`` (loaded plugins, a callable giving them,
-    or None for the installed ones) apply. onnx (exported files): ``device`` (``auto``,
+    runtime then accepts JPEG bytes), ``tta`` (mirror averaging), ``plugins`` (loaded
+    plugins, a callable giving them, or None for the installed ones) apply. onnx (exported files): ``device`` (``auto``,
     ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads [the usable cores]) apply;
     ``precision`` other than ``32``/``auto``, ``channels_last`` and ``tta`` are refused in one line
     (an export's precision is chosen by ``tk export [--int8]``). Never imports torch for an
