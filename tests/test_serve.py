@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from test_export import shared_dir
 from test_images import bomb_png
 
 from toolkit.testing import isolated_env, make_image_folder, run_tk, tiny_finetune
@@ -33,58 +35,55 @@ TIMEOUT = 60  # seconds per HTTP request
 # -- the model, the files, the servers ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding ``r18``: torchvision resnet18 (random init) fine-tuned 1 epoch at
-    32 px by the real `tk finetune`."""
-    home = tmp_path_factory.mktemp("serve")
-    data = make_image_folder(home / "data", CLASSES, per_class=6, size=32, format="mixed")
-    tiny_finetune("resnet18", classes=3, data=data, image_size=32, home=home, name="r18")
-    return home
-
-
-@pytest.fixture(scope="module")
-def files(home: Path) -> dict[str, Path]:
-    """Good images (several sizes, PNG and JPEG) and bad ones, by name."""
-    from PIL import Image
-
-    folder = home / "upload"
-    folder.mkdir()
-    rng = np.random.default_rng(7)
-    out: dict[str, Path] = {}
-    for i, (w, h) in enumerate([(40, 30), (32, 32), (50, 64), (90, 20), (33, 47), (64, 64)]):
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        arr[: h // 2, : w // 2] = rng.integers(0, 256, 3)
-        path = folder / f"good{i}.{'jpg' if i % 2 else 'png'}"
-        Image.fromarray(arr).save(path)
-        out[path.name] = path
-    bad = {
-        "text.png": b"this is not an image\n",
-        "truncated.png": out["good0.png"].read_bytes()[:60],
-        "bomb.png": bomb_png(100_000, 100_000),
-        "strip.png": None,  # an extreme aspect ratio
-    }
-    for name, data in bad.items():
-        path = folder / name
-        if data is None:
-            Image.new("RGB", (2000, 2), (9, 9, 9)).save(path)
-        else:
-            path.write_bytes(data)
-        out[name] = path
-    return out
-
-
 GOOD = [f"good{i}.{'jpg' if i % 2 else 'png'}" for i in range(6)]
 BAD = ["text.png", "truncated.png", "bomb.png", "strip.png"]
 
 
-@pytest.fixture(scope="module")
-def infer_rows(home: Path, files: dict[str, Path]) -> dict[str, dict]:
-    """`tk infer --format json --topk 3` on every file: row by file name."""
-    proc = run_tk("infer", *[files[n] for n in GOOD + BAD], "--model", "r18", "--format",
-                  "json", "--topk", "3", "--workers", "0", home=home, timeout=300)
+def _write_files(folder: Path) -> None:
+    """Good images (several sizes, PNG and JPEG) and bad ones."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i, (w, h) in enumerate([(40, 30), (32, 32), (50, 64), (90, 20), (33, 47), (64, 64)]):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        arr[: h // 2, : w // 2] = rng.integers(0, 256, 3)
+        Image.fromarray(arr).save(folder / GOOD[i])
+    (folder / "text.png").write_bytes(b"this is not an image\n")
+    (folder / "truncated.png").write_bytes((folder / "good0.png").read_bytes()[:60])
+    (folder / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
+    Image.new("RGB", (2000, 2), (9, 9, 9)).save(folder / "strip.png")  # aspect ratio
+
+
+def _prepare(home: Path) -> None:
+    data = make_image_folder(home / "data", CLASSES, per_class=6, size=32, format="mixed")
+    tiny_finetune("resnet18", classes=3, data=data, image_size=32, home=home, name="r18")
+    _write_files(home / "upload")
+    proc = run_tk("infer", *[home / "upload" / n for n in GOOD + BAD], "--model", "r18",
+                  "--format", "json", "--topk", "3", "--workers", "0", home=home,
+                  timeout=300)
     assert proc.returncode == 1, proc.stderr  # the bad files fail
-    return {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
+    (home / "infer.json").write_text(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once per run (shared by xdist workers): a store holding ``r18``, torchvision
+    resnet18 (random init) fine-tuned 1 epoch at 32 px by the real `tk finetune`; good and
+    bad images in ``upload/``; `tk infer --format json --topk 3` of them in
+    ``infer.json``."""
+    return shared_dir(tmp_path_factory, "tk-serve-r18", _prepare)
+
+
+@pytest.fixture(scope="module")
+def files(home: Path) -> dict[str, Path]:
+    return {n: home / "upload" / n for n in GOOD + BAD}
+
+
+@pytest.fixture(scope="module")
+def infer_rows(home: Path) -> dict[str, dict]:
+    """`tk infer`'s row by file name."""
+    return {Path(r["path"]).name: r for r in json.loads((home / "infer.json").read_text())}
 
 
 class Server:
@@ -100,7 +99,7 @@ class Server:
 def serving(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`tk serve --model r18 --port 0 ARGS` until the block ends (then SIGTERM, killed if
     it has not exited 30 s later)."""
-    log = home / f"serve-{time.monotonic_ns()}.err"
+    log = Path(tempfile.mkdtemp(prefix="tk-serve-")) / "stderr"
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "toolkit", "serve", "--model", "r18", "--port", "0",
@@ -292,6 +291,7 @@ def test_load_16_clients_x_25_requests(server: Server, files: dict[str, Path],
     assert problems == []
 
 
+@pytest.mark.slow
 def test_api_key_and_sigterm_drains_in_flight_requests(home: Path, files: dict[str, Path],
                                                        infer_rows: dict[str, dict]) -> None:
     key = "s3cret-Key"
