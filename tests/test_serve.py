@@ -359,6 +359,10 @@ def test_the_page_in_a_real_browser(server: Server, files: dict[str, Path],
     page = httpx.get(server.url + "/", timeout=TIMEOUT)
     assert page.status_code == 200 and "<script" not in page.text.lower()
     assert "default-src 'none'" in page.headers["content-security-policy"]
+    hostile = httpx.post(server.url + "/", files=[("file", ("<b>x</b>.png", files[
+        "good2.png"].read_bytes()))], timeout=TIMEOUT)
+    assert hostile.status_code == 200
+    assert "&lt;b&gt;x&lt;/b&gt;.png" in hostile.text and "<b>x" not in hostile.text
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
