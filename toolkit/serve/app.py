@@ -71,9 +71,54 @@ class _TooLarge(Exception):
     pass
 
 
+DRAIN_BYTES = 32 * 2**20
+"""Most bytes of an unread request body dropped before an answer (see :class:`Linger`)."""
+
+
+class Linger:
+    """Before answering a request whose body the application did not read to the end (a
+    refusal: 413, 401, 415, a malformed multipart...), read and drop the rest of the body,
+    up to :data:`DRAIN_BYTES` (never kept): the client, still sending, then reads the
+    answer instead of a connection reset. A longer body is cut off; a client that sent
+    ``Expect: 100-continue`` never sent its body, so nothing is read."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        finished = any(k == b"expect" for k, _ in scope.get("headers", ()))
+
+        async def tracked() -> Message:
+            nonlocal finished
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                finished = True
+            return message
+
+        async def lingering(message: Message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.start" and not finished:
+                finished = True
+                dropped = 0
+                while dropped < DRAIN_BYTES:
+                    rest = await receive()
+                    if rest["type"] != "http.request":
+                        break
+                    dropped += len(rest.get("body", b""))
+                    if not rest.get("more_body", False):
+                        break
+            await send(message)
+
+        await self.app(scope, tracked, lingering)
+
+
 class BodyLimit:
     """413 for a request body over ``limit`` bytes: from ``Content-Length`` before reading
-    anything, else counted chunk by chunk as the application reads it (chunked uploads)."""
+    anything, else counted chunk by chunk as the application reads it (chunked uploads).
+    Nothing beyond the limit is kept."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app = app
@@ -290,7 +335,8 @@ def create_app(config: AppConfig, batcher: "Batcher") -> Any:
 
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
     if config.api_key:
-        app.add_middleware(ApiKey, key=config.api_key)  # outermost: no body read without it
+        app.add_middleware(ApiKey, key=config.api_key)  # before the body is parsed
+    app.add_middleware(Linger)  # outermost: every refusal is read by the client
     return app
 
 
