@@ -259,8 +259,8 @@ def create_app(config: AppConfig, batcher: "Batcher") -> Any:
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
-    from toolkit import __version__
     from toolkit.predict.writers import row_dict
+    from toolkit.version import __version__
 
     @asynccontextmanager
     async def lifespan(_app: Any):
