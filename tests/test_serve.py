@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -99,7 +99,7 @@ class Server:
 def serving(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`tk serve --model r18 --port 0 ARGS` until the block ends (then SIGTERM, killed if
     it has not exited 30 s later)."""
-    log = Path(tempfile.mkdtemp(prefix="tk-serve-")) / "stderr"
+    log = home / f"serve-{os.getpid()}-{time.monotonic_ns()}.err"  # pytest's temp folder
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "toolkit", "serve", "--model", "r18", "--port", "0",

@@ -16,8 +16,9 @@ Every refusal is JSON ``{"error": "one line"}``: 400 (bad query, no image, too m
 parts, malformed multipart), 401 (API key), 413 (body over the limit: refused from
 ``Content-Length`` before reading, and counted while streaming for chunked bodies), 415
 (content type), 422 (no image could be decoded: the message of the `tk infer` row), 500 (a
-model failure; the service goes on). A request never names a server-side file: only
-uploaded bytes are read.
+model failure; the service goes on). (Beyond uvicorn's connection limit uvicorn itself
+answers a plain-text 503.) A request never names a server-side file: only uploaded bytes
+are read.
 """
 
 # no ``from __future__ import annotations``: FastAPI reads the route functions' annotations
@@ -289,6 +290,10 @@ def create_app(config: AppConfig, batcher: "Batcher") -> Any:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_r: Request, exc: RequestValidationError) -> JSONResponse:
         return error(400, "bad request: " + "; ".join(str(e.get("msg")) for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _bug(_r: Request, exc: Exception) -> JSONResponse:  # logged by uvicorn too
+        return error(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
