@@ -82,8 +82,9 @@ class Batcher:
         """Answer what is queued, then stop (the server has stopped taking requests)."""
         if self._task is None:
             return
-        assert self._queue is not None
-        while self.stats.in_flight and not self._task.done():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60  # uvicorn cancels requests it gave up on before this
+        while self.stats.in_flight and not self._task.done() and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self._task.cancel()
         try:
