@@ -7,4 +7,5 @@ from toolkit.cli import (
     listing,  # noqa: F401
     serve,  # noqa: F401
     store,  # noqa: F401
+    tune,  # noqa: F401
 )

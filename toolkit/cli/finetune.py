@@ -58,6 +58,11 @@ def _freeze_value(value: str) -> str:
 @click.option("--store", type=click.Path(), help="Model store directory [$TK_HOME].")
 @click.option("--config", "config_file", type=click.Path(),
               help="TOML file of these options (the command line wins).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Log the run: tensorboard, mlflow, csv (tk list loggers); repeatable.")
+@click.option("--log-dir", type=click.Path(),
+              help="Loggers write under DIR/NAME [$TK_HOME/runs/NAME/logs; mlflow: "
+                   "$MLFLOW_TRACKING_URI, else ./mlruns].")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a model of that name.")
 @click.option("--opt", "opts", multiple=True, metavar="COMPONENT.KEY=VALUE",
@@ -70,6 +75,7 @@ def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bo
     from toolkit.train.config import finetune_args
     from toolkit.train.finetune import finetune
 
+    given["log"] = list(given["log"]) or None  # not given: the config file's, if any
     args = finetune_args(given, opts=opts, config=config_file)
     result = finetune(args, get_state().plugins)
     if result is not None and as_json:

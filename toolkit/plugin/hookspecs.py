@@ -111,6 +111,23 @@ def tk_register_datasets(register: Register) -> None:
     """
 
 
+@hookspec
+def tk_register_loggers(register: Register) -> None:
+    """Register experiment loggers (what ``tk finetune --log NAME`` selects).
+
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(log_dir, run_name) -> object`` and is called once per run that
+        selects it, before the first epoch (rank 0 only). ``log_dir`` is the run's own log
+        folder (``--log-dir DIR``/NAME, else ``$TK_HOME/runs/NAME/logs``; the logger
+        creates it), ``run_name`` the model's name; tk passes ``log_root`` (``--log-dir`` as
+        given, absolute, or None) only when the signature names it. The object's methods
+        marked with ``@hookimpl`` (``tk_train_start``, ``tk_epoch_end``,
+        ``tk_model_saved``, ``tk_train_end``) observe that run only. Raise a
+        :class:`toolkit.errors.TkError` naming the extra to install when a library is
+        missing.
+    """
+
+
 @hookspec(firstresult=True)
 def tk_dataset_for_path(path: str) -> str | None:
     """Say which registered dataset reads ``--data PATH`` (first answer wins; third-party
@@ -152,11 +169,27 @@ def tk_epoch_end(epoch: int, metrics: EpochMetrics) -> None:
 
 
 @hookspec
-def tk_model_saved(name: str, path: str, metadata: dict[str, Any]) -> None:
-    """Observer: called after a model was written to the store.
+def tk_model_saved(name: str, path: str, metadata: dict[str, Any],
+                   artifacts: dict[str, str]) -> None:
+    """Observer: called after a model was written to the store (rank 0 only).
 
     :param name: the model's name in the store.
     :param path: its safetensors file.
     :param metadata: what ``tk store show NAME --json`` prints (spec, classes, data
         config, training, metrics, weights, components...).
+    :param artifacts: the files drawn for it, by kind: ``{"curves": PNG path,
+        "confusion": PNG path}`` (a kind is missing when its plot could not be drawn).
+    """
+
+
+@hookspec
+def tk_train_end(name: str, status: str) -> None:
+    """Observer: called once when a run that called ``tk_train_start`` ends, however it
+    ends (rank 0 only): after ``tk_model_saved`` when it finished. Close files here.
+
+    :param name: the run's model name (the model exists only when ``status`` is
+        ``"finished"``).
+    :param status: ``"finished"``, ``"failed"`` (an error), ``"interrupted"`` (Ctrl-C)
+        or ``"stopped"`` (the caller's epoch callback ended it, e.g. a pruned trial of
+        ``tk tune``).
     """

@@ -12,7 +12,7 @@ from typing import Any
 
 from toolkit.errors import AmbiguousNameError, TkError, UnknownNameError
 
-KINDS = ("backbones", "heads", "losses", "optimizers", "datasets")
+KINDS = ("backbones", "heads", "losses", "optimizers", "datasets", "loggers")
 
 
 @dataclass(frozen=True)

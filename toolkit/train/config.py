@@ -77,6 +77,8 @@ class FinetuneArgs:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    log: list[str] = field(default_factory=list)  # logger names (tk list loggers)
+    log_dir: str | None = None  # None: each run logs into $TK_HOME/runs/NAME/logs
     options: dict[str, dict[str, Any]] = field(default_factory=lambda: {c: {} for c in COMPONENTS})
 
     def check(self) -> None:
@@ -156,6 +158,11 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
         if type(None) in typing.get_args(hint):
             return None
         raise TkError(f"{where}: a value is required")
+    if typing.get_origin(hint) is list:  # --log: a list of names (one name is a list of one)
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) and v for v in items):
+            return list(items)
+        raise TkError(f"{where} = {value!r}: expected a name or a list of names")
     base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     kind = base[0]
     if kind is bool:

@@ -7,6 +7,7 @@ below::
     session     training_session     device, precision, torchrun process group
     model       build_model          weights, backbone + head (size-checked first), input size
     plan        plan_training        freezing, loss, optimizer, splits, feature cache
+    observers   RunObservers         --log loggers attached; tk_train_start ... tk_train_end
     train       Trainer.fit          (toolkit.train.trainer)
     save        save_model           the best weights + metadata into the store
     artifacts   write_artifacts      training curves and confusion matrix
@@ -33,6 +34,7 @@ from toolkit.train.components import (
     with_accepted,
 )
 from toolkit.train.config import FinetuneArgs
+from toolkit.train.observers import RunObservers
 
 
 @dataclass
@@ -46,43 +48,62 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
-    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks)."""
+def finetune(args: FinetuneArgs, plugins: Any, *,
+             on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+             checkpoints: bool = True) -> FinetuneResult | None:
+    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks).
+
+    ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's observers;
+    an exception it raises ends the run at once, without saving (observers see
+    ``tk_train_end`` status ``"stopped"``), and propagates: ``tk tune`` prunes trials
+    this way. ``checkpoints=False`` writes no per-epoch checkpoint: the run leaves
+    nothing to resume (a tune trial)."""
     # options, component names and the output places are checked before torch is even
     # imported: user errors come back at once
     args.check()
     components = resolve_components(args, plugins)
+    observers = RunObservers(plugins, args.log, args.log_dir)
     outputs = plan_outputs(args, components)
-    with outputs.claim():
-        data = load_data(args, components)
-        with training_session(args) as session:
-            built = build_model(args, plugins, components, data, outputs.store, session)
-            plan = plan_training(args, components, data, built, outputs.store, session)
-            trainer = make_trainer(args, components, data, built, plan, outputs, session,
-                                   plugins)
-            saved = trainer.read_checkpoint() if args.resume and session.is_main else None
-            record = training_record(args, components, data, built, plan, session)
-            if session.is_main:
-                plugins.notify("tk_train_start", config=dict(record, classes=data.classes))
-                session.log(describe_run(components, data, built, plan, session))
-            try:
-                result = trainer.fit(resume=args.resume, saved=saved)
-            except KeyboardInterrupt:
-                session.log(f"interrupted: the last finished epoch is checkpointed in "
-                            f"{outputs.run.path}; continue with: tk finetune ... --name "
-                            f"{outputs.name} --resume")
-                raise
-            if not session.is_main:
-                return None
-            info, metadata = save_model(args, components, data, built, plan, result, record,
-                                        outputs, plugins)
-            artifacts = write_artifacts(outputs, result, data.classes, session.log)
-            outputs.run.finish()
-    plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path), metadata=metadata)
-    best = result.best_metrics
-    session.log(f"saved model '{outputs.name}' (best epoch {result.best_epoch}: val acc "
-                f"{best['val_acc']:.3f}, val loss {best['val_loss']:.4f}) to {info.path}; "
-                f"tk version {metadata['tk_version']}")
+    with observers.observing():
+        with outputs.claim():
+            if outputs.is_main:
+                observers.attach(outputs.name, outputs.run.path)
+            data = load_data(args, components)
+            with training_session(args) as session:
+                built = build_model(args, plugins, components, data, outputs.store, session)
+                plan = plan_training(args, components, data, built, outputs.store, session)
+                trainer = make_trainer(args, components, data, built, plan, outputs, session,
+                                       plugins, observers.epoch_callback(on_epoch_end),
+                                       checkpoints)
+                saved = trainer.read_checkpoint() if args.resume and session.is_main else None
+                record = training_record(args, components, data, built, plan, session)
+                if session.is_main:
+                    observers.start(dict(record, classes=data.classes))
+                    session.log(describe_run(components, data, built, plan, session))
+                try:
+                    result = trainer.fit(resume=args.resume, saved=saved)
+                except KeyboardInterrupt:
+                    if checkpoints:
+                        session.log(f"interrupted: the last finished epoch is checkpointed in "
+                                    f"{outputs.run.path}; continue with: tk finetune ... "
+                                    f"--name {outputs.name} --resume")
+                    raise
+                except BaseException:
+                    if observers.stopped:  # ended on purpose: nothing to resume
+                        outputs.run.finish()
+                    raise
+                if not session.is_main:
+                    return None
+                info, metadata = save_model(args, components, data, built, plan, result,
+                                            record, outputs, plugins)
+                artifacts = write_artifacts(outputs, result, data.classes, session.log)
+                outputs.run.finish()
+        plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path),
+                       metadata=metadata, artifacts=artifacts)
+        best = result.best_metrics
+        session.log(f"saved model '{outputs.name}' (best epoch {result.best_epoch}: val acc "
+                    f"{best['val_acc']:.3f}, val loss {best['val_loss']:.4f}) to {info.path}; "
+                    f"tk version {metadata['tk_version']}")
     return FinetuneResult(outputs.name, Path(info.path), result.best_epoch, best,
                           result.history, artifacts, result.stopped_early)
 
@@ -407,15 +428,18 @@ def run_identity(args: FinetuneArgs, components: Components, data: Data, built: 
 
 
 def make_trainer(args: FinetuneArgs, components: Components, data: Data, built: Built,
-                 plan: Plan, outputs: Outputs, session: Session, plugins: Any) -> Any:
+                 plan: Plan, outputs: Outputs, session: Session, plugins: Any,
+                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+                 checkpoints: bool = True) -> Any:
     from toolkit.train.trainer import Trainer
 
     return Trainer(
         built.model, plan.freezing, plan.loss_fn, plan.optimizer_factory, plan.train_set,
         plan.val_set, len(data.classes), plan.config, session.device,
-        checkpoint=outputs.run.checkpoint,
+        checkpoint=outputs.run.checkpoint if checkpoints else None,
         run_identity=run_identity(args, components, data, built, plan), dist=session.dist,
-        on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
+        on_epoch_end=on_epoch_end or (
+            lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m)),
         log=session.log)
 
 

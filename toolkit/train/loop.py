@@ -17,6 +17,12 @@ from toolkit import distributed as D
 from toolkit.devices import autocast, to_device
 from toolkit.errors import TkError
 
+
+class NonFiniteLossError(TkError):
+    """The loss became NaN or infinite: the run diverged (``tk tune`` prunes such a
+    trial instead of failing it)."""
+
+
 SYNC_EVERY = 16  # steps between the device syncs that check the loss and update the bar
 
 
@@ -118,8 +124,9 @@ class Loop:
         progress bar."""
         loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()
         if not math.isfinite(loss_total):
-            raise TkError(f"the training loss became {loss_total} in epoch {epoch} (by step "
-                          f"{steps}): {self.non_finite_hint}; no model is saved")
+            raise NonFiniteLossError(
+                f"the training loss became {loss_total} in epoch {epoch} (by step {steps}): "
+                f"{self.non_finite_hint}; no model is saved")
         if not bar.disable:
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss_total / seen:.3f}", acc=f"{correct_total / seen:.3f}",
@@ -158,7 +165,7 @@ class Loop:
             metrics["val_top5"] = packed[c * c + 1].item() / n
         if not math.isfinite(metrics["val_loss"]):
             when = f" in epoch {epoch}" if epoch is not None else ""
-            raise TkError(f"the validation loss became {metrics['val_loss']}{when}: "
+            raise NonFiniteLossError(f"the validation loss became {metrics['val_loss']}{when}: "
                           f"{self.non_finite_hint}; no model is saved")
         return metrics, confusion
 
