@@ -21,7 +21,10 @@ How a file becomes a row (each step in its own module):
 3. A :class:`toolkit.predict.runtime.Runtime` turns a batch of crops into logits: the torch
    runtime (:mod:`toolkit.predict.torch_runtime`) normalises on the device (the device half
    of the same transform, bit for bit what validation used during training) and runs the
-   model. The next batch is started before the previous one's logits are read back.
+   model; the ONNX Runtime runtime (:mod:`toolkit.predict.onnx_runtime`) hands the crops
+   to an exported graph that normalises inside itself, without torch.
+   :func:`toolkit.predict.session.open_predictor` picks and opens one from ``--model``.
+   The next batch is started before the previous one's logits are read back.
 4. :class:`Runner` maps logits to scores (softmax) and the top ``k`` classes, and every
    sample keeps its input index: a file that could not be read is an error row at its own
    position and never enters the model, so no row can carry another file's prediction.

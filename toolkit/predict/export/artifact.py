@@ -215,12 +215,15 @@ def read_export(path: str | os.PathLike[str]) -> ExportInfo:
     return parse_metadata(read_onnx_props(p), p)
 
 
-def open_onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = None,
-                      threads: int | None = None) -> tuple[Any, ExportInfo]:
+def open_onnx_session(path: str | os.PathLike[str], *, providers: list[Any] | None = None,
+                      threads: int | None = None, spinning: bool = True
+                      ) -> tuple[Any, ExportInfo]:
     """``(onnxruntime.InferenceSession, ExportInfo)`` for an ONNX export: its metadata is
     checked first (cheap, clear errors), then ONNX Runtime loads the graph (a damaged graph
     is one line too). ``providers``: ONNX Runtime execution providers [CPU];
-    ``threads``: intra-op threads [ONNX Runtime's choice]."""
+    ``threads``: intra-op threads [ONNX Runtime's choice]; ``spinning=False``: the
+    intra-op threads sleep between runs instead of busy-waiting (leaves the cores to other
+    processes, such as decoding workers)."""
     info = read_export(path)
     if info.format != "onnx":
         raise ExportFileError(f"{path}: a {info.format} export, not ONNX; export the model with "
@@ -232,6 +235,8 @@ def open_onnx_session(path: str | os.PathLike[str], *, providers: list[str] | No
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options,
                                        providers=providers or ["CPUExecutionProvider"])
