@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_export import shared_dir
+from test_export import r18, r18_onnx, shared_dir  # noqa: F401 (fixtures)
 from test_images import bomb_png
 
 from toolkit.testing import isolated_env, make_image_folder, run_tk, tiny_finetune
@@ -96,13 +96,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`tk serve --model r18 --port 0 ARGS` until the block ends (then SIGTERM, killed if
+def serving(home: Path, *args: str, env: dict[str, str] | None = None,
+            model: str = "r18") -> Iterator[Server]:
+    """`tk serve --model MODEL --port 0 ARGS` until the block ends (then SIGTERM, killed if
     it has not exited 30 s later)."""
     log = home / f"serve-{os.getpid()}-{time.monotonic_ns()}.err"  # pytest's temp folder
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "toolkit", "serve", "--model", "r18", "--port", "0",
+            [sys.executable, "-m", "toolkit", "serve", "--model", model, "--port", "0",
              "--device", "cpu", *args],
             env=isolated_env(home, {"OMP_NUM_THREADS": "1", **(env or {})}),
             stdout=subprocess.DEVNULL, stderr=err, text=True)
@@ -110,7 +111,7 @@ def serving(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
         deadline = time.monotonic() + START_TIMEOUT
         url = None
         while url is None:
-            found = re.search(r"serving model 'r18' on (http://\S+) ", log.read_text())
+            found = re.search(r"serving model '.*' on (http://\S+) ", log.read_text())
             if found:
                 url = found.group(1)
             elif proc.poll() is not None:
@@ -385,3 +386,27 @@ def test_the_page_in_a_real_browser(server: Server, files: dict[str, Path],
         assert "good2.png" in driver.find_element(By.TAG_NAME, "h2").text
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_an_onnx_export_is_served_as_tk_infer_reads_it(
+        r18: tuple[Path, Path], r18_onnx: tuple[Path, str]) -> None:  # noqa: F811
+    """`tk serve --model FILE.onnx` (the export of test_export's trained resnet18): ONNX
+    Runtime, the same rows as `tk infer --model FILE.onnx`."""
+    home, data = r18
+    onnx, _ = r18_onnx
+    images = sorted(data.glob("*/*"))[::3]
+    proc = run_tk("infer", *images, "--model", onnx, "--format", "json", "--topk", "3",
+                  home=home, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    want = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
+    with serving(home, model=str(onnx)) as srv:
+        info = httpx.get(f"{srv.url}/v1/model", timeout=TIMEOUT).json()
+        assert info["runtime"] == "onnx" and info["classes"] == CLASSES
+        r = post(srv.url, images, topk=3)
+        assert r.status_code == 200, r.text
+        for row in r.json():
+            assert row["label"] == want[row["path"]]["label"]
+            assert [t["label"] for t in row["topk"]] == [
+                t["label"] for t in want[row["path"]]["topk"]]
+            assert row["score"] == pytest.approx(want[row["path"]]["score"], abs=1e-4)

@@ -1,4 +1,4 @@
-"""`tk serve`: an HTTP prediction service for a stored model."""
+"""`tk serve`: an HTTP prediction service for a stored model or an ONNX export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from toolkit.cli.store import store_option
 
 
 @cli.command("serve")
-@click.option("--model", metavar="NAME", help="Stored model [the newest one, named on stderr].")
+@click.option("--model", metavar="NAME|FILE.onnx",
+              help="Stored model, or an exported .onnx file (ONNX Runtime, no torch) "
+              "[the newest stored model, named on stderr].")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; use an API key).")
 @click.option("--port", type=int, default=8000, show_default=True,
@@ -30,7 +32,7 @@ from toolkit.cli.store import store_option
 def serve_command(model: str | None, host: str, port: int, max_batch: int,
                   max_wait_ms: float, max_upload_mb: float, api_key_env: str | None,
                   device: str, store_dir: Path | None) -> None:
-    """Serve a stored model over HTTP until SIGTERM or Ctrl-C.
+    """Serve a stored model or an exported .onnx file over HTTP until SIGTERM or Ctrl-C.
 
     \b
     GET  /health              {"status": "ok"}

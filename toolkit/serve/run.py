@@ -113,9 +113,9 @@ def run_serve(args: ServeArgs, plugins: Any, log: Callable[[str], None] = _log) 
                       "pip install 'tk-microtoolkit[serve]'") from None
 
     from toolkit.predict.runner import Runner
+    from toolkit.predict.session import open_predictor
     from toolkit.serve.app import AppConfig, create_app
     from toolkit.serve.batcher import Batcher
-    from toolkit.serve.opener import open_predictor
 
     sock = bind(args.host, args.port)
     with sock, open_predictor(args.model, store=args.store, plugins=plugins,
