@@ -7,7 +7,7 @@ type-checking ones alike):
   component; built-ins load through entry points like any third party);
 - inside ``toolkit`` the layers only import downwards (a layer may use its own modules and
   any lower layer): errors/env < plugin < model < data, devices, distributed, plots, metrics <
-  train, predict < cli, testing;
+  train, predict < serve < cli, testing;
 - no cycle between packages or sub-packages.
 """
 
@@ -35,9 +35,10 @@ LAYERS = {
     "toolkit.metrics": 3,
     "toolkit.train": 4,
     "toolkit.predict": 4,
-    "toolkit.cli": 5,
-    "toolkit.testing": 5,
-    "toolkit.__main__": 6,
+    "toolkit.serve": 5,
+    "toolkit.cli": 6,
+    "toolkit.testing": 6,
+    "toolkit.__main__": 7,
 }
 # the package face may name anything lazily (``toolkit.load_model`` imports inside)
 FACE = "toolkit/__init__.py"

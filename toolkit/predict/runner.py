@@ -209,6 +209,14 @@ class Runner:
         if pending is not None:
             yield self._rows(paths, *pending)
 
+    def predict_crops(self, crops: np.ndarray, names: Sequence[str | None]
+                      ) -> list[Prediction]:
+        """Rows for crops already made by the transform's host half (``uint8 [N,H,W,3]``,
+        e.g. images uploaded to `tk serve`), ``path`` = ``names[i]``, one runtime call."""
+        n = len(names)
+        batch = HostBatch(list(range(n)), crops, list(range(n)), errors=[None] * n)
+        return self._rows(names, batch, self.runtime.start(crops) if n else None)
+
     def predict_paths(self, paths: PathList | Sequence[str]) -> Iterator[Prediction]:
         """One row per path, in order (distributed: see the module doc)."""
         if not isinstance(paths, PathList):

@@ -185,7 +185,9 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _row_dict(row: Prediction) -> dict[str, object]:
+def row_dict(row: Prediction) -> dict[str, object]:
+    """The JSON object of a row (jsonl and json output, `tk serve` answers): the path
+    escaped (:func:`escape_path`)."""
     d = row.to_dict()
     if row.path is not None:
         d["path"] = escape_path(row.path)
@@ -194,7 +196,7 @@ def _row_dict(row: Prediction) -> dict[str, object]:
 
 class JsonlWriter(RowWriter):
     def write(self, row: Prediction) -> None:
-        self.emit(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
+        self.emit(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
 
 
 class JsonWriter(RowWriter):
@@ -206,7 +208,7 @@ class JsonWriter(RowWriter):
 
     def write(self, row: Prediction) -> None:
         self.emit(("\n" if self.first else ",\n")
-                  + json.dumps(_row_dict(row), ensure_ascii=False))
+                  + json.dumps(row_dict(row), ensure_ascii=False))
         self.first = False
 
     def end(self) -> None:
