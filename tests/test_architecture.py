@@ -30,6 +30,7 @@ LAYERS = {
     "toolkit.devices": 3,
     "toolkit.distributed": 3,
     "toolkit.plots": 3,
+    "toolkit.calibration": 3,
     "toolkit.train": 4,
     "toolkit.predict": 4,
     "toolkit.cli": 5,

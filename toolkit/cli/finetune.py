@@ -18,6 +18,15 @@ def _freeze_value(value: str) -> str:
     raise click.BadParameter("expected all, none or a number of layer groups")
 
 
+def _lr_value(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'auto'") from None
+
+
 @cli.command("finetune")
 @click.option("--backbone", help="Backbone name (tk list backbones); plugin:name picks one.")
 @click.option("--classes", type=int, help="Number of classes (checked against the data).")
@@ -29,8 +38,10 @@ def _freeze_value(value: str) -> str:
 @click.option("--optimizer", help="Optimizer name [adamw].")
 @click.option("--epochs", type=int, help="Epochs [5].")
 @click.option("--batch-size", type=int, help="Batch size per process [32].")
-@click.option("--lr", type=float,
-              help="Peak learning rate of the head [the optimizer's default_lr, else 1e-3].")
+@click.option("--lr", callback=lambda c, p, v: v and _lr_value(v),
+              help="Peak learning rate of the head, or 'auto' (an LR range test picks it) "
+              "[the optimizer's default_lr, else 1e-3].")
+@click.option("--lr-find-steps", type=int, help="Steps of the --lr auto range test [100].")
 @click.option("--weight-decay", type=float, help="Weight decay (not on norms/biases) [0.05].")
 @click.option("--freeze", callback=lambda c, p, v: v and _freeze_value(v),
               help="all | none | N first layer groups frozen [none].")

@@ -57,10 +57,17 @@ def _runtime_options(func: Any) -> Any:
 @click.option("--csv-raw", is_flag=True,
               help="csv: write cells as they are (by default a cell starting with = + - @ "
               "tab or CR gets a leading ' so spreadsheets do not run it as a formula).")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None, metavar="S",
+              help="Rows whose top score is below S get no label (null in json/jsonl, "
+              "'unknown' in table/csv); score and topk are kept.")
+@click.option("--calibration/--no-calibration", default=True, show_default=True,
+              help="Scores with the model's calibration temperature (fitted by tk finetune) "
+              "or the raw softmax.")
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
                   resume: bool, csv_raw: bool, device: str, precision: str,
-                  channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+                  channels_last: bool, workers: int | None, decode: str, quiet: bool,
+                  min_score: float | None, calibration: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
     \b
@@ -68,6 +75,9 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
     files (any case; hidden files skipped), in sorted order; files named explicitly are
     always read. One row per file: data on stdout (or -o), progress and summary on stderr.
     jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"}.
+    Scores use the model's calibration temperature when it has one (--no-calibration:
+    the raw softmax); with --min-score S a row whose top score is below S has label
+    null ("unknown" in table and csv).
     A file that cannot be read gets a row with "error" set; the run goes on.
     Paths are valid UTF-8: a byte of a file name that is not UTF-8 is written \\xNN and
     a backslash is doubled. -o may not be an input file or a file of the model store.
@@ -88,7 +98,7 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      topk=topk, format=fmt, output=str(output) if output else None,
                      resume=resume, device=device, precision=precision,
                      channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
-                     csv_raw=csv_raw)
+                     csv_raw=csv_raw, min_score=min_score, calibrated=calibration)
     try:
         summary = run_infer(args, get_state().plugins)
     except BrokenPipeError:  # `tk infer ... | head`: the quiet exit of other Unix tools

@@ -59,6 +59,8 @@ class InferArgs:
     decode: str = "pil"
     quiet: bool = False
     csv_raw: bool = False
+    min_score: float | None = None  # below it a row's label is null ("unknown")
+    calibrated: bool = True  # False: the raw softmax (--no-calibration)
 
 
 @dataclass
@@ -153,6 +155,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
     Usage errors are found before torch is imported."""
     from model_store import ModelStore
     from toolkit.data.decode import check_limits
+    from toolkit.predict.scoring import check_min_score
 
     fmt = args.format or format_for_path(args.output)
     if fmt not in FORMATS:
@@ -163,6 +166,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         raise TkError(f"--resume works with --format jsonl or csv, not {fmt}")
     if args.output:
         check_output_target(args.output)
+    check_min_score(args.min_score)
     check_limits()
 
     is_main = os.environ.get("RANK", "0") in ("", "0")
@@ -249,7 +253,8 @@ def _torch_session(args: InferArgs, name: str, store: Any, plugins: Any, warn: A
         loaded = load_model(name, store, plugins=plugins, device="cpu")
         runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk, device=device,
                            precision=args.precision, channels_last=args.channels_last,
-                           workers=args.workers, decode=args.decode, warn=warn)
+                           workers=args.workers, decode=args.decode, warn=warn,
+                           calibrated=args.calibrated, min_score=args.min_score)
         yield runner, _Dist(info)
     finally:
         D.shutdown()

@@ -22,8 +22,9 @@ How a file becomes a row (each step in its own module):
    runtime (:mod:`toolkit.predict.torch_runtime`) normalises on the device (the device half
    of the same transform, bit for bit what validation used during training) and runs the
    model. The next batch is started before the previous one's logits are read back.
-4. :class:`Runner` maps logits to scores (softmax) and the top ``k`` classes, and every
-   sample keeps its input index: a file that could not be read is an error row at its own
+4. :class:`Runner` maps logits to scores and the top ``k`` classes through
+   :mod:`toolkit.predict.scoring` (the model's calibration temperature, ``--min-score``),
+   and every sample keeps its input index: a file that could not be read is an error row at its own
    position and never enters the model, so no row can carry another file's prediction.
 5. Rows come out in input order as soon as their batch is done.
 
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.data.batches import DECODERS, HostBatch, Preparer, default_workers, iter_batches
 from toolkit.data.listing import PathList, Warn, discover, warn_stderr
 from toolkit.errors import TkError
+from toolkit.predict.scoring import Scoring, rows_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from toolkit.predict.runtime import Runtime
 
 __all__ = ["DECODERS", "Prediction", "Predictor", "Runner", "default_workers", "predict",
-           "predict_tensors", "top_k"]
+           "predict_tensors"]
 
 
 @dataclass
@@ -77,6 +79,10 @@ class Prediction:
     topk: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     index: int = -1  # position in the input list
+    # with ``Runner(keep_outputs=True)``: the row's raw logits ``[C]`` and, when the runtime
+    # appends them after the logits, its backbone features (`tk review`); never written
+    logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -89,28 +95,19 @@ class Prediction:
                 "error": self.error}
 
 
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities of ``logits [N, C]`` and their top ``k``: ``(scores [N, k],
-    class indices [N, k])``, best first (ties: the lower class index first)."""
-    import numpy as np
-
-    z = logits.astype(np.float32, copy=False)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    probs = e / e.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(probs, order, axis=1), order
-
-
 class Runner:
     """Files -> rows with any :class:`~toolkit.predict.runtime.Runtime`.
 
     ``transform``: the model's eval transform (its host half runs in the decoding workers);
-    ``classes``: the model's class names (index = logit column)."""
+    ``classes``: the model's class names (index = logit column); ``scoring``: temperature
+    and ``--min-score`` (:mod:`toolkit.predict.scoring`; default: the plain softmax).
+    ``keep_outputs``: rows also carry their raw ``logits`` and, when the runtime returns
+    more columns than classes (features appended after the logits), ``features``."""
 
     def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
                  batch_size: int = 32, topk: int = 1, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr):
+                 decode: str = "pil", warn: Warn = warn_stderr,
+                 scoring: Scoring | None = None, keep_outputs: bool = False):
         if int(batch_size) < 1:
             raise TkError(f"--batch-size must be at least 1, got {batch_size}")
         if int(topk) < 1:
@@ -136,6 +133,22 @@ class Runner:
         self.workers = default_workers() if workers is None else int(workers)
         self.decode = decode
         self.warn = warn
+        self.scoring = scoring or Scoring()
+        self.keep_outputs = bool(keep_outputs)
+
+    def _predictions(self, logits: np.ndarray, paths: Sequence[str | None],
+                     indices: Sequence[int]) -> list[Prediction]:
+        """Rows for ``logits [N, C(+F)]`` (scored by :attr:`scoring`)."""
+        c = len(self.classes)
+        out = []
+        for j, (label, score, top) in enumerate(rows_of(logits[:, :c], self.classes,
+                                                        self.topk, self.scoring)):
+            row = Prediction(paths[j], label, score, top, None, indices[j])
+            if self.keep_outputs:
+                row.logits = logits[j, :c].copy()
+                row.features = logits[j, c:].copy() if logits.shape[1] > c else None
+            out.append(row)
+        return out
 
     def _rows(self, paths: Sequence[str], batch: HostBatch, handle: Any) -> list[Prediction]:
         """The rows of a batch whose work was started as ``handle``, in batch order."""
@@ -147,14 +160,12 @@ class Runner:
             for p, err in zip(batch.jpeg_pos, jpeg_errors, strict=True):
                 errors[p] = err
             if len(positions):
-                scores, ids = top_k(logits, self.topk)
-                for j, p in enumerate(positions):
-                    if errors[p] is not None:
-                        continue
-                    top = [(self.classes[int(c)], round(float(s), 6))
-                           for s, c in zip(scores[j], ids[j], strict=True)]
-                    rows[p] = Prediction(paths[batch.indices[p]], top[0][0], top[0][1], top,
-                                         None, batch.indices[p])
+                made = self._predictions(logits[:len(positions)],
+                                         [paths[batch.indices[p]] for p in positions],
+                                         [batch.indices[p] for p in positions])
+                for p, row in zip(positions, made, strict=True):
+                    if errors[p] is None:
+                        rows[p] = row
         for p, row in enumerate(rows):
             if row is None:
                 rows[p] = Prediction(paths[batch.indices[p]], None, None, [],
@@ -230,7 +241,8 @@ class Predictor(Runner):
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
                  channels_last: bool = False, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr):
+                 decode: str = "pil", warn: Warn = warn_stderr, calibrated: bool = True,
+                 min_score: float | None = None, keep_outputs: bool = False):
         from toolkit.data.transforms import eval_transform
         from toolkit.predict.torch_runtime import TorchRuntime
 
@@ -240,8 +252,10 @@ class Predictor(Runner):
         self.loaded = loaded
         runtime = TorchRuntime(loaded.model, transform, device=device, precision=precision,
                                channels_last=channels_last, jpeg=decode == "torchvision")
+        scoring = Scoring.for_model(loaded.meta, calibrated=calibrated, min_score=min_score)
         super().__init__(runtime, transform, loaded.classes, batch_size=batch_size, topk=topk,
-                         workers=workers, decode=decode, warn=warn)
+                         workers=workers, decode=decode, warn=warn, scoring=scoring,
+                         keep_outputs=keep_outputs)
         self.device = runtime.device
         self.model = runtime.model
 
@@ -250,33 +264,32 @@ class Predictor(Runner):
         logits = self.runtime.logits(images, self.batch_size)  # type: ignore[attr-defined]
         if not len(logits):
             return []
-        scores, ids = top_k(logits, self.topk)
-        out: list[Prediction] = []
-        for j in range(len(logits)):
-            top = [(self.classes[int(c)], round(float(s), 6))
-                   for s, c in zip(scores[j], ids[j], strict=True)]
-            out.append(Prediction(None, top[0][0], top[0][1], top, None, j))
-        return out
+        return self._predictions(logits, [None] * len(logits), range(len(logits)))
 
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
             channels_last: bool = False, workers: int | None = None, decode: str = "pil",
-            warn: Warn = warn_stderr) -> Iterator[Prediction]:
+            warn: Warn = warn_stderr, calibrated: bool = True, min_score: float | None = None
+            ) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
-    :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
+    :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set.
+    Scores use the model's calibration unless ``calibrated`` is False; below ``min_score``
+    a row's ``label`` is None (see :mod:`toolkit.predict.scoring`)."""
     paths = inputs if isinstance(inputs, PathList) else discover(
         inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs), warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, calibrated=calibrated, min_score=min_score)
     return predictor.predict_paths(paths)
 
 
 def predict_tensors(loaded: LoadedModel, images: torch.Tensor, *, topk: int = 1,
                     device: str = "auto", precision: str = "32", channels_last: bool = False,
-                    batch_size: int = 256) -> list[Prediction]:
+                    batch_size: int = 256, calibrated: bool = True,
+                    min_score: float | None = None) -> list[Prediction]:
     """Rows for images already preprocessed with the model's eval transform."""
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
-                          precision=precision, channels_last=channels_last, workers=0)
+                          precision=precision, channels_last=channels_last, workers=0,
+                          calibrated=calibrated, min_score=min_score)
     return predictor.predict_tensors(images)

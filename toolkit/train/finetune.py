@@ -7,7 +7,9 @@ below::
     session     training_session     device, precision, torchrun process group
     model       build_model          weights, backbone + head (size-checked first), input size
     plan        plan_training        freezing, loss, optimizer, splits, feature cache
+    lr          find_lr              --lr auto: the LR range test (toolkit.train.lr_find)
     train       Trainer.fit          (toolkit.train.trainer)
+    calibrate   calibrate_best       temperature on the validation split (toolkit.train.calibrate)
     save        save_model           the best weights + metadata into the store
     artifacts   write_artifacts      training curves and confusion matrix
 
@@ -61,7 +63,10 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
             trainer = make_trainer(args, components, data, built, plan, outputs, session,
                                    plugins)
             saved = trainer.read_checkpoint() if args.resume and session.is_main else None
+            found = find_lr(args, trainer, session) if args.lr_auto else None
             record = training_record(args, components, data, built, plan, session)
+            if found is not None:
+                record["lr_find"] = found.record()
             if session.is_main:
                 plugins.notify("tk_train_start", config=dict(record, classes=data.classes))
                 session.log(describe_run(components, data, built, plan, session))
@@ -74,9 +79,10 @@ def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
                 raise
             if not session.is_main:
                 return None
+            calibration = calibrate_best(args, built, plan, result, session)
             info, metadata = save_model(args, components, data, built, plan, result, record,
-                                        outputs, plugins)
-            artifacts = write_artifacts(outputs, result, data.classes, session.log)
+                                        outputs, plugins, calibration)
+            artifacts = write_artifacts(outputs, result, data.classes, session.log, found)
             outputs.run.finish()
     plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path), metadata=metadata)
     best = result.best_metrics
@@ -445,11 +451,48 @@ def describe_run(components: Components, data: Data, built: Built, plan: Plan,
             f"device {session.device}, precision {session.precision}, lr {plan.config.lr:g}")
 
 
+# -- lr: the range test ------------------------------------------------------------------------
+
+def find_lr(args: FinetuneArgs, trainer: Any, session: Session) -> Any:
+    """``--lr auto``: the LR range test on the training split (model restored after); the
+    trainer then trains with its suggestion, said on stderr."""
+    session.log(f"--lr auto: LR range test ({args.lr_find_steps} steps, "
+                "1e-07 .. 10)...")
+    found = trainer.find_lr(args.lr_find_steps)
+    session.log(f"--lr auto: lr {found.suggestion:.3g} (valley rule; {len(found.lrs)} steps, "
+                f"lowest loss at lr {found.record()['min_loss_lr'] or 0:.3g})")
+    return found
+
+
 # -- save and artifacts ------------------------------------------------------------------------
+
+def calibrate_best(args: FinetuneArgs, built: Built, plan: Plan, result: Any,
+                   session: Session) -> dict[str, Any] | None:
+    """The best epoch's weights, and their calibration temperature fitted on the
+    validation split (``meta["calibration"]``; said on stderr)."""
+    from toolkit.train.calibrate import calibrate
+
+    built.model.load_state_dict(result.best_state)
+    net = built.model.head if plan.feature_cache else built.model
+    try:
+        record = calibrate(net, plan.val_set, device=session.device,
+                           precision=session.precision, batch_size=args.batch_size,
+                           channels_last=args.channels_last and not plan.feature_cache)
+    except Exception as exc:  # calibration must never lose a trained model
+        session.log(f"warning: could not calibrate the scores ({exc}); scores stay the raw "
+                    "softmax")
+        return None
+    if record is not None and not args.quiet:
+        session.log(f"calibration: temperature {record['temperature']:.3f} on "
+                    f"{record['images']} validation images (ECE {record['ece_before']:.4f} "
+                    f"-> {record['ece_after']:.4f})")
+    return record
+
 
 def save_model(args: FinetuneArgs, components: Components, data: Data, built: Built,
                plan: Plan, result: Any, record: dict[str, Any], outputs: Outputs,
-               plugins: Any) -> tuple[Any, dict[str, Any]]:
+               plugins: Any, calibration: dict[str, Any] | None = None
+               ) -> tuple[Any, dict[str, Any]]:
     """The best epoch's weights and everything inference needs, into the store (a fully
     frozen backbone goes into a shared base)."""
     from toolkit import __version__
@@ -473,6 +516,8 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
         "weights": built.backbone.weights.to_dict(),
         "tk_version": __version__,
     }
+    if calibration is not None:
+        metadata["calibration"] = calibration
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fully_frozen = result.frozen_groups_end == plan.freezing.n_groups
     # frozen tensors are kept once in the store (shared with the weights they came from)
@@ -483,13 +528,17 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
     return info, metadata
 
 
-def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any
-                    ) -> dict[str, str]:
+def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any,
+                    found: Any = None) -> dict[str, str]:
     from toolkit import plots
 
     store, name = outputs.store, outputs.name
     out = {}
     try:
+        if found is not None:
+            lr_png = store.artifact_path(name, "lr_find.png")
+            plots.lr_finder(found.lrs, found.losses, found.suggestion, lr_png)
+            out["lr_find"] = str(lr_png)
         curves = store.artifact_path(name, "curves.png")
         plots.training_curves(result.history, curves)
         out["curves"] = str(curves)
