@@ -5,5 +5,6 @@ from toolkit.cli import (
     finetune,  # noqa: F401
     infer,  # noqa: F401
     listing,  # noqa: F401
+    review,  # noqa: F401
     store,  # noqa: F401
 )

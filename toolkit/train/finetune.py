@@ -437,7 +437,9 @@ def training_record(args: FinetuneArgs, components: Components, data: Data, buil
         frozen_groups=plan.freezing.initial, layer_groups=plan.freezing.n_groups,
         device=str(session.device), precision=session.precision,
         world_size=session.dist.world_size, dataset=components.dataset.qualified_name,
-        dataset_options=data.options, feature_cache=plan.feature_cache)
+        dataset_options=data.options, feature_cache=plan.feature_cache,
+        # where --data was, whatever the working folder (tk review's leakage check)
+        data_resolved=str(Path(args.data).resolve()) if args.data else None)
     return _jsonable(record)
 
 
