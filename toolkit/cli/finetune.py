@@ -87,3 +87,31 @@ def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bo
         click.echo(json.dumps({"name": result.name, "path": str(result.model_path),
                                "best_epoch": result.best_epoch, "metrics": result.metrics,
                                "history": result.history, "artifacts": result.artifacts}))
+
+
+def _lr_find_callback(config_file: str | None, opts: tuple[str, ...], as_json: bool,
+                      **given: Any) -> None:
+    from toolkit.train.config import finetune_args
+    from toolkit.train.finetune import lr_find
+
+    args = finetune_args(given, opts=opts, config=config_file)
+    result = lr_find(args, get_state().plugins)
+    if result is None:
+        return
+    if as_json:
+        click.echo(json.dumps(dict(result.record, plot=result.plot)))
+    else:
+        click.echo(f"{result.suggestion:.3g}")
+        if result.plot:
+            click.echo(f"tk: plot written to {result.plot}", err=True)
+
+
+# the same options as finetune (but nothing to resume or overwrite: nothing is saved)
+cli.add_command(click.Command(
+    "lr-find", callback=_lr_find_callback,
+    params=[p for p in finetune_command.params if p.name not in ("resume", "overwrite")],
+    help="LR range test with finetune's options: the model takes --lr-find-steps steps with "
+    "an exponentially growing learning rate (1e-7 .. 10) on the training data, and the "
+    "valley rule suggests one (printed on stdout; the loss curve goes to "
+    "$TK_HOME/artifacts/NAME/lr_find.png). Nothing is trained or saved; "
+    "`tk finetune --lr auto` runs the same test first."))

@@ -413,13 +413,14 @@ def run_identity(args: FinetuneArgs, components: Components, data: Data, built: 
 
 
 def make_trainer(args: FinetuneArgs, components: Components, data: Data, built: Built,
-                 plan: Plan, outputs: Outputs, session: Session, plugins: Any) -> Any:
+                 plan: Plan, outputs: Outputs | None, session: Session, plugins: Any) -> Any:
+    """The trainer (``outputs`` None: no checkpoints, for `tk lr-find`)."""
     from toolkit.train.trainer import Trainer
 
     return Trainer(
         built.model, plan.freezing, plan.loss_fn, plan.optimizer_factory, plan.train_set,
         plan.val_set, len(data.classes), plan.config, session.device,
-        checkpoint=outputs.run.checkpoint,
+        checkpoint=outputs.run.checkpoint if outputs is not None else None,
         run_identity=run_identity(args, components, data, built, plan), dist=session.dist,
         on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
         log=session.log)
@@ -464,6 +465,43 @@ def find_lr(args: FinetuneArgs, trainer: Any, session: Session) -> Any:
     session.log(f"--lr auto: lr {found.suggestion:.3g} (valley rule; {len(found.lrs)} steps, "
                 f"lowest loss at lr {found.record()['min_loss_lr'] or 0:.3g})")
     return found
+
+
+@dataclass
+class LrFindResult:
+    suggestion: float
+    record: dict[str, Any]
+    plot: str | None
+
+
+def lr_find(args: FinetuneArgs, plugins: Any) -> LrFindResult | None:
+    """`tk lr-find`: the steps of :func:`finetune` up to the trainer, then the LR range
+    test alone (nothing trained, nothing saved but the plot,
+    ``$TK_HOME/artifacts/NAME/lr_find.png``). Returns the result on rank 0."""
+    from model_store import ModelStore, check_name
+    from toolkit import plots
+
+    args.check()
+    args.lr_auto = True
+    components = resolve_components(args, plugins)
+    store = ModelStore(args.store)
+    name = args.name or default_name(components.backbone.name, components.dataset.name)
+    check_name(name)
+    data = load_data(args, components)
+    with training_session(args) as session:
+        built = build_model(args, plugins, components, data, store, session)
+        plan = plan_training(args, components, data, built, store, session)
+        trainer = make_trainer(args, components, data, built, plan, None, session, plugins)
+        found = find_lr(args, trainer, session)
+        if not session.is_main:
+            return None
+    png: str | None = str(store.artifact_path(name, "lr_find.png"))
+    try:
+        plots.lr_finder(found.lrs, found.losses, found.suggestion, Path(str(png)))
+    except Exception as exc:  # noqa: BLE001 - the suggestion stands without its plot
+        session.log(f"warning: could not draw the plot ({exc})")
+        png = None
+    return LrFindResult(found.suggestion, found.record(), png)
 
 
 # -- save and artifacts ------------------------------------------------------------------------
