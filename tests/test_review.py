@@ -211,6 +211,8 @@ def reviewed(trained: dict[str, Path]) -> dict[str, Path]:
         shutil.move(rev / src / f"{src}_{i:03d}.png", rev / dst / f"flipped_{src}_{i}.png")
     shutil.copy(trained["train"] / "b" / "b_005.png", rev / "b" / "copy_of_train.png")
     (rev / "c" / "broken.png").write_bytes(b"not a png")
+    # a file name that would be markup if it were not escaped
+    shutil.copy(rev / "a" / "a_000.png", rev / "a" / "<img src=x onerror=alert(1)>.png")
     out = root / "report.html"
     proc = run_tk("review", "m", "--data", str(rev), "-o", str(out), "--top-losses", "5",
                   "--workers", "0", "-q", home=root, env={"OMP_NUM_THREADS": "1"})
@@ -231,7 +233,9 @@ def test_review_page_has_every_section_and_no_external_url(reviewed: dict) -> No
     assert page.scripts == 0
     assert page.urls and all(u.startswith("data:image/") for u in page.urls)
     assert "http://" not in text and "https://" not in text and "url(" not in text
-    assert page.keys["images"] == "31" and page.keys["unreadable"] == "1"  # 30 + copy, 1 broken
+    # 30 + the training copy + the markup-named copy; 1 broken
+    assert page.keys["images"] == "32" and page.keys["unreadable"] == "1"
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in text and "<img src=x" not in text
     assert 0 <= float(page.keys["accuracy"]) <= 1
     # the copied training image is reported as leakage
     assert int(page.keys["train-duplicates"]) >= 1
@@ -242,7 +246,7 @@ def test_review_page_has_every_section_and_no_external_url(reviewed: dict) -> No
 def test_flipped_labels_top_the_label_issues_and_the_csv_feeds_back(reviewed: dict) -> None:
     root = reviewed["root"]
     rows = list(csv.DictReader(reviewed["csv"].open(encoding="utf-8")))
-    assert len(rows) == 31 and {"path", "label", "predicted", "issue_rank"} <= set(rows[0])
+    assert len(rows) == 32 and {"path", "label", "predicted", "issue_rank"} <= set(rows[0])
     flagged = [r for r in rows if r["issue_rank"]]
     top = {Path(r["path"]).name for r in flagged[:3]}
     precision = len({n for n in top if n.startswith("flipped_")}) / 3
@@ -292,3 +296,25 @@ def test_review_errors_are_one_line(tmp_path: Path) -> None:
     proc = run_tk("review", "nope", "--data", str(tmp_path), home=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("tk: error:")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_review_usage_errors_with_a_model(reviewed: dict) -> None:
+    root, rev = reviewed["root"], reviewed["rev"]
+    bad = root / "bad.csv"
+    bad.write_text("path,label\nx.png,zebra\n")
+    cases = {
+        "label": (["--data", str(bad)], "label 'zebra' is not a class of the model"),
+        "no-columns": (["--data", str(reviewed["csv"].with_name("nothing.csv"))], "--data"),
+        "output-is-input": (["--data", str(rev), "-o", str(rev / "a" / "a_002.png")],
+                            "is the input file"),
+        "output-in-store": (["--data", str(rev), "-o", str(root / "tk" / "models" / "x.html")],
+                            "inside the model store"),
+    }
+    for name, (args, message) in cases.items():
+        proc = run_tk("review", "m", *args, "--workers", "0", home=root)
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tk: error:") and message in lines[0], \
+            (name, proc.stderr)
+    assert (rev / "a" / "a_002.png").read_bytes()[:4] == b"\x89PNG"  # untouched
