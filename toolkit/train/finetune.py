@@ -535,8 +535,8 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
                ) -> tuple[Any, dict[str, Any]]:
     """The best epoch's weights and everything inference needs, into the store (a fully
     frozen backbone goes into a shared base)."""
-    from toolkit import __version__
     from toolkit.model.assemble import ModelSpec
+    from toolkit.version import __version__
 
     model = built.model
     model.load_state_dict(result.best_state)
