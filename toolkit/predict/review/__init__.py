@@ -184,8 +184,8 @@ def run_review(args: ReviewArgs, plugins: Any, log: Any = None) -> ReviewResult:
             cache[path] = thumbnail_uri(path)
         return cache[path]
 
-    from toolkit import __version__
     from toolkit.predict.review.html import render
+    from toolkit.version import __version__
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = render(review, thumb, csv_name=os.path.basename(csv_out),
