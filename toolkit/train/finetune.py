@@ -456,13 +456,13 @@ def describe_run(components: Components, data: Data, built: Built, plan: Plan,
 
 # -- lr: the range test ------------------------------------------------------------------------
 
-def find_lr(args: FinetuneArgs, trainer: Any, session: Session) -> Any:
+def find_lr(args: FinetuneArgs, trainer: Any, session: Session, what: str = "--lr auto"
+            ) -> Any:
     """``--lr auto``: the LR range test on the training split (model restored after); the
     trainer then trains with its suggestion, said on stderr."""
-    session.log(f"--lr auto: LR range test ({args.lr_find_steps} steps, "
-                "1e-07 .. 10)...")
+    session.log(f"{what}: LR range test ({args.lr_find_steps} steps, 1e-07 .. 10)...")
     found = trainer.find_lr(args.lr_find_steps)
-    session.log(f"--lr auto: lr {found.suggestion:.3g} (valley rule; {len(found.lrs)} steps, "
+    session.log(f"{what}: lr {found.suggestion:.3g} (valley rule; {len(found.lrs)} steps, "
                 f"lowest loss at lr {found.record()['min_loss_lr'] or 0:.3g})")
     return found
 
@@ -492,7 +492,7 @@ def lr_find(args: FinetuneArgs, plugins: Any) -> LrFindResult | None:
         built = build_model(args, plugins, components, data, store, session)
         plan = plan_training(args, components, data, built, store, session)
         trainer = make_trainer(args, components, data, built, plan, None, session, plugins)
-        found = find_lr(args, trainer, session)
+        found = find_lr(args, trainer, session, "lr-find")
         if not session.is_main:
             return None
     png: str | None = str(store.artifact_path(name, "lr_find.png"))
