@@ -99,8 +99,9 @@ def main() -> None:
                          "best_epoch": result["best_epoch"], "val_accs": accs,
                          "val_samples": int(result["metrics"].get("val_samples", 0)),
                          "wall": wall, "history": result["history"]})
+            said = f", lr auto: {chosen:.3g}" if chosen is not None else ""
             print(f"  best val acc {rows[-1]['best']:.3f} (epoch {result['best_epoch']}), "
-                  f"{wall:.0f}s", file=sys.stderr, flush=True)
+                  f"{wall:.0f}s{said}", file=sys.stderr, flush=True)
 
     import torch
 
