@@ -12,6 +12,7 @@ lr, best val accuracy (the epoch tk saves), the val accuracy of every epoch, cha
     python benchmarks/accuracy_shapes.py                      # ~5-10 min on 2 CPU cores
     python benchmarks/accuracy_shapes.py --runs alexnet=1e-4 --epochs 10
     python benchmarks/accuracy_shapes.py --device cuda
+    python benchmarks/accuracy_shapes.py --runs alexnet=auto,alexnet=1e-3   # --lr auto
 
 The learning rates are the ones each network needs from scratch here (alexnet, without
 normalisation layers, diverges or stalls at 1e-3; the residual networks like 1e-3).
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = "alexnet=1e-4,resnet18=1e-3,timm:resnet10t=1e-3"
 
 
-def parse_runs(text: str) -> list[tuple[str, float]]:
+def parse_runs(text: str) -> list[tuple[str, float | str]]:
     runs = []
     for item in text.split(","):
         if not item.strip():
@@ -42,7 +43,7 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
         name, sep, lr = item.strip().rpartition("=")
         if not sep or not name:
             raise SystemExit(f"--runs: expected BACKBONE=LR, got {item!r}")
-        runs.append((name, float(lr)))
+        runs.append((name, "auto" if lr.strip() == "auto" else float(lr)))
     return runs
 
 
@@ -85,13 +86,22 @@ def main() -> None:
                              "wall": wall})
                 continue
             result = json.loads(proc.stdout.strip().splitlines()[-1])
+            chosen = None
+            if lr == "auto":  # the range test's choice, from the model's metadata
+                show = subprocess.run([sys.executable, "-m", "toolkit", "store", "show",
+                                       f"acc-{len(rows)}", "--json"], capture_output=True,
+                                      text=True, env=env)
+                meta = json.loads(show.stdout)
+                chosen = meta.get("metadata", meta)["training"]["lr"]
             accs = [h["val_acc"] for h in result["history"]]
-            rows.append({"backbone": backbone, "lr": lr, "best": result["metrics"]["val_acc"],
+            rows.append({"backbone": backbone, "lr": lr, "chosen_lr": chosen,
+                         "best": result["metrics"]["val_acc"],
                          "best_epoch": result["best_epoch"], "val_accs": accs,
                          "val_samples": int(result["metrics"].get("val_samples", 0)),
                          "wall": wall, "history": result["history"]})
+            said = f", lr auto: {chosen:.3g}" if chosen is not None else ""
             print(f"  best val acc {rows[-1]['best']:.3f} (epoch {result['best_epoch']}), "
-                  f"{wall:.0f}s", file=sys.stderr, flush=True)
+                  f"{wall:.0f}s{said}", file=sys.stderr, flush=True)
 
     import torch
 
@@ -105,11 +115,12 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['backbone']} | {r['lr']:g} | failed | | {chance:.2f} | "
+            print(f"| {r['backbone']} | {r['lr']} | failed | | {chance:.2f} | "
                   f"{r['wall']:.0f} s |")
             continue
         per_epoch = " ".join(f"{a:.2f}" for a in r["val_accs"])
-        print(f"| {r['backbone']} | {r['lr']:g} | {r['best']:.3f} ({r['best_epoch']}) | "
+        shown = (f"auto: {r['chosen_lr']:.3g}" if r["lr"] == "auto" else f"{r['lr']:g}")
+        print(f"| {r['backbone']} | {shown} | {r['best']:.3f} ({r['best_epoch']}) | "
               f"{per_epoch} | {chance:.2f} | {r['wall']:.0f} s |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "rows": rows},

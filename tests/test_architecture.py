@@ -6,8 +6,8 @@ type-checking ones alike):
 - ``toolkit`` never imports the built-in ``plugins`` package (the core names no concrete
   component; built-ins load through entry points like any third party);
 - inside ``toolkit`` the layers only import downwards (a layer may use its own modules and
-  any lower layer): errors/env < plugin < model < data, devices, distributed, plots, metrics <
-  train, predict < serve < cli, testing;
+  any lower layer): errors/env < plugin < model < data, devices, distributed, plots, metrics,
+  calibration < train, predict < serve < cli, testing;
 - no cycle between packages or sub-packages.
 """
 
@@ -33,6 +33,7 @@ LAYERS = {
     "toolkit.distributed": 3,
     "toolkit.plots": 3,
     "toolkit.metrics": 3,
+    "toolkit.calibration": 3,
     "toolkit.train": 4,
     "toolkit.predict": 4,
     "toolkit.serve": 5,

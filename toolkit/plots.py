@@ -35,6 +35,21 @@ def training_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def lr_finder(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> None:
+    """The LR range test: smoothed loss against the learning rate (log scale), the
+    suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggestion {suggestion:.2g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)", title="LR range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path,
                      title: str = "confusion (rows: true, columns: predicted)") -> None:
     plt = _pyplot()

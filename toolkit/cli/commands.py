@@ -5,7 +5,7 @@ from toolkit.cli import (
     finetune,  # noqa: F401
     infer,  # noqa: F401
     listing,  # noqa: F401
-    serve,  # noqa: F401
+    review,  # noqa: F401
     store,  # noqa: F401
     tune,  # noqa: F401
 )

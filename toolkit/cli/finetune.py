@@ -18,6 +18,15 @@ def _freeze_value(value: str) -> str:
     raise click.BadParameter("expected all, none or a number of layer groups")
 
 
+def _lr_value(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'auto'") from None
+
+
 @cli.command("finetune")
 @click.option("--backbone", help="Backbone name (tk list backbones); plugin:name picks one.")
 @click.option("--classes", type=int, help="Number of classes (checked against the data).")
@@ -29,8 +38,10 @@ def _freeze_value(value: str) -> str:
 @click.option("--optimizer", help="Optimizer name [adamw].")
 @click.option("--epochs", type=int, help="Epochs [5].")
 @click.option("--batch-size", type=int, help="Batch size per process [32].")
-@click.option("--lr", type=float,
-              help="Peak learning rate of the head [the optimizer's default_lr, else 1e-3].")
+@click.option("--lr", callback=lambda c, p, v: v and _lr_value(v),
+              help="Peak learning rate of the head, or 'auto' (an LR range test picks it) "
+              "[the optimizer's default_lr, else 1e-3].")
+@click.option("--lr-find-steps", type=int, help="Steps of the --lr auto range test [100].")
 @click.option("--weight-decay", type=float, help="Weight decay (not on norms/biases) [0.05].")
 @click.option("--freeze", callback=lambda c, p, v: v and _freeze_value(v),
               help="all | none | N first layer groups frozen [none].")
@@ -100,3 +111,31 @@ def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bo
         click.echo(json.dumps({"name": result.name, "path": str(result.model_path),
                                "best_epoch": result.best_epoch, "metrics": result.metrics,
                                "history": result.history, "artifacts": result.artifacts}))
+
+
+def _lr_find_callback(config_file: str | None, opts: tuple[str, ...], as_json: bool,
+                      **given: Any) -> None:
+    from toolkit.train.config import finetune_args
+    from toolkit.train.finetune import lr_find
+
+    args = finetune_args(given, opts=opts, config=config_file)
+    result = lr_find(args, get_state().plugins)
+    if result is None:
+        return
+    if as_json:
+        click.echo(json.dumps(dict(result.record, plot=result.plot)))
+    else:
+        click.echo(f"{result.suggestion:.3g}")
+        if result.plot:
+            click.echo(f"tk: plot written to {result.plot}", err=True)
+
+
+# the same options as finetune (but nothing to resume or overwrite: nothing is saved)
+cli.add_command(click.Command(
+    "lr-find", callback=_lr_find_callback,
+    params=[p for p in finetune_command.params if p.name not in ("resume", "overwrite")],
+    help="LR range test with finetune's options: the model takes --lr-find-steps steps with "
+    "an exponentially growing learning rate (1e-7 .. 10) on the training data, and the "
+    "valley rule suggests one (printed on stdout; the loss curve goes to "
+    "$TK_HOME/artifacts/NAME/lr_find.png). Nothing is trained or saved; "
+    "`tk finetune --lr auto` runs the same test first."))

@@ -70,11 +70,17 @@ def _runtime_options(func: Any, *, exported: bool = False) -> Any:
               show_default=True,
               help="auto: ONNX Runtime for an exported file (--model FILE.onnx, no torch "
               "import), torch for a stored model. onnx needs the file: `tk export NAME`.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None, metavar="S",
+              help="Rows whose top score is below S get no label (null in json/jsonl, "
+              "'unknown' in table/csv); score and topk are kept.")
+@click.option("--calibration/--no-calibration", default=True, show_default=True,
+              help="Scores with the model's calibration temperature (fitted by tk finetune) "
+              "or the raw softmax.")
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
                   resume: bool, csv_raw: bool, runtime: str, device: str, precision: str,
                   channels_last: bool, workers: int | None, decode: str, quiet: bool,
-                  tta: bool) -> None:
+                  tta: bool, min_score: float | None, calibration: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
     \b
@@ -84,6 +90,9 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
     jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"};
     a multi-label model's rows add "labels" and "label_scores" (the classes whose score
     reaches their threshold; csv: ';'-joined columns).
+    Scores use the model's calibration temperature when it has one (--no-calibration:
+    the raw softmax); with --min-score S a row whose top score is below S has label
+    null ("unknown" in table and csv).
     A file that cannot be read gets a row with "error" set; the run goes on.
     Paths are valid UTF-8: a byte of a file name that is not UTF-8 is written \\xNN and
     a backslash is doubled. -o may not be an input file or a file of the model store.
@@ -110,7 +119,8 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      topk=topk, format=fmt, output=str(output) if output else None,
                      resume=resume, device=device, precision=precision,
                      channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
-                     csv_raw=csv_raw, runtime=runtime, tta=tta)
+                     csv_raw=csv_raw, runtime=runtime, tta=tta,
+                     min_score=min_score, calibrated=calibration)
     state = get_state()
     try:  # plugins are loaded only for a stored model (an exported file needs none)
         summary = run_infer(args, lambda: state.plugins)

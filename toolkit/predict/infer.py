@@ -61,6 +61,8 @@ class InferArgs:
     csv_raw: bool = False
     runtime: str = "auto"  # auto: onnx for an exported file, torch for a stored model
     tta: bool = False  # mean of the probabilities of the image and its mirror image
+    min_score: float | None = None  # below it a row's label is null ("unknown")
+    calibrated: bool = True  # False: the raw softmax (--no-calibration)
 
 
 @dataclass
@@ -152,6 +154,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
     process group is torch's)."""
     from model_store import ModelStore
     from toolkit.data.decode import check_limits
+    from toolkit.predict.scoring import check_min_score
     from toolkit.predict.session import resolve_model
 
     fmt = args.format or format_for_path(args.output)
@@ -163,6 +166,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         raise TkError(f"--resume works with --format jsonl or csv, not {fmt}")
     if args.output:
         check_output_target(args.output)
+    check_min_score(args.min_score)
     check_limits()
 
     is_main = os.environ.get("RANK", "0") in ("", "0")
@@ -275,7 +279,8 @@ def _session(args: InferArgs, ref: Any, store: Any, plugins: Any, warn: Any
                             channels_last=args.channels_last, decode=args.decode,
                             tta=args.tta, plugins=plugins) as opened:
             runner = opened.runner(batch_size=args.batch_size, topk=args.topk,
-                                   workers=args.workers, decode=args.decode, warn=warn)
+                                   workers=args.workers, decode=args.decode, warn=warn,
+                                   calibrated=args.calibrated, min_score=args.min_score)
             yield runner, _Dist(info)
     finally:
         if info is not None:

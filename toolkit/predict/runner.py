@@ -25,7 +25,9 @@ How a file becomes a row (each step in its own module):
    to an exported graph that normalises inside itself, without torch.
    :func:`toolkit.predict.session.open_predictor` picks and opens one from ``--model``.
    The next batch is started before the previous one's logits are read back.
-4. :class:`Runner` maps logits to scores (softmax) and the top ``k`` classes, and every
+4. :class:`Runner` maps logits to scores and the top ``k`` classes through
+   :mod:`toolkit.predict.scoring` (the model's calibration temperature, ``--min-score``;
+   sigmoid and per-class thresholds for a multi-label model), and every
    sample keeps its input index: a file that could not be read is an error row at its own
    position and never enters the model, so no row can carry another file's prediction.
 5. Rows come out in input order as soon as their batch is done.
@@ -57,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.data.batches import DECODERS, HostBatch, Preparer, default_workers, iter_batches
 from toolkit.data.listing import PathList, Warn, discover, warn_stderr
 from toolkit.errors import TkError
+from toolkit.predict.scoring import Scoring, multilabel_rows, rows_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,7 +70,7 @@ if TYPE_CHECKING:
     from toolkit.predict.runtime import Runtime
 
 __all__ = ["DECODERS", "Prediction", "Predictor", "Runner", "default_workers", "predict",
-           "predict_tensors", "top_k"]
+           "predict_tensors"]
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Prediction:
     index: int = -1  # position in the input list
     # multi-label models: the predicted labels (best first) with their scores
     labels: list[tuple[str, float]] | None = None
+    # with ``Runner(keep_outputs=True)``: the row's raw logits ``[C]`` and, when the runtime
+    # appends them after the logits, its backbone features (`tk review`); never written
+    logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -99,29 +106,21 @@ class Prediction:
         return row
 
 
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities of ``logits [N, C]`` and their top ``k``: ``(scores [N, k],
-    class indices [N, k])``, best first (ties: the lower class index first)."""
-    import numpy as np
-
-    z = logits.astype(np.float32, copy=False)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    probs = e / e.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(probs, order, axis=1), order
-
-
 class Runner:
     """Files -> rows with any :class:`~toolkit.predict.runtime.Runtime`.
 
     ``transform``: the model's eval transform (its host half runs in the decoding workers);
-    ``classes``: the model's class names (index = logit column); ``thresholds``: a
-    multi-label model's per-class thresholds (sigmoid scores, rows with ``labels``)."""
+    ``classes``: the model's class names (index = logit column); ``scoring``: temperature
+    and ``--min-score`` (:mod:`toolkit.predict.scoring`; default: the plain softmax);
+    ``thresholds``: a multi-label model's per-class thresholds (sigmoid scores, rows with
+    ``labels``). ``keep_outputs``: rows also carry their raw ``logits`` and, when the
+    runtime returns more columns than classes (features appended after the logits),
+    ``features``."""
 
     def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
                  batch_size: int = 32, topk: int = 1, workers: int | None = None,
                  decode: str = "pil", warn: Warn = warn_stderr,
+                 scoring: Scoring | None = None, keep_outputs: bool = False,
                  thresholds: Sequence[float] | None = None):
         if int(batch_size) < 1:
             raise TkError(f"--batch-size must be at least 1, got {batch_size}")
@@ -148,27 +147,36 @@ class Runner:
         self.workers = default_workers() if workers is None else int(workers)
         self.decode = decode
         self.warn = warn
+        self.scoring = scoring or Scoring()
+        self.keep_outputs = bool(keep_outputs)
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
 
-    def _predictions(self, logits: np.ndarray) -> list[tuple[str | None, float, list[Any],
-                                                             list[Any] | None]]:
-        """Per row of ``logits``: (label, score, top k, multi-label labels or None)."""
-        if self.thresholds is not None:
-            from toolkit.predict.scoring import multilabel_rows
+    def _scored(self, logits: np.ndarray) -> list[tuple[str | None, float, list[Any],
+                                                        list[Any] | None]]:
+        """Per row of ``logits [N, C]``: (label, score, top k, multi-label labels or None)."""
+        if self.thresholds is None:
+            return [(label, score, top, None)
+                    for label, score, top in rows_of(logits, self.classes, self.topk,
+                                                     self.scoring)]
+        out: list[tuple[str | None, float, list[Any], list[Any] | None]] = []
+        for r in multilabel_rows(logits, self.thresholds, self.classes, self.topk):
+            best = r.top[0]
+            label = best[0] if r.labels and r.labels[0][0] == best[0] else None
+            out.append((label, best[1], r.top, r.labels))
+        return out
 
-            out: list[tuple[str | None, float, list[Any], list[Any] | None]] = []
-            for r in multilabel_rows(logits, self.thresholds, self.classes, self.topk):
-                best = r.top[0]
-                label = best[0] if r.labels and r.labels[0][0] == best[0] else None
-                out.append((label, best[1], r.top, r.labels))
-            return out
-        scores, ids = top_k(logits, self.topk)
-        rows = []
-        for j in range(len(logits)):
-            top = [(self.classes[int(c)], round(float(s), 6))
-                   for s, c in zip(scores[j], ids[j], strict=True)]
-            rows.append((top[0][0], top[0][1], top, None))
-        return rows
+    def _predictions(self, logits: np.ndarray, paths: Sequence[str | None],
+                     indices: Sequence[int]) -> list[Prediction]:
+        """Rows for ``logits [N, C(+F)]`` (scored by :attr:`scoring` or the thresholds)."""
+        c = len(self.classes)
+        out = []
+        for j, (label, score, top, labels) in enumerate(self._scored(logits[:, :c])):
+            row = Prediction(paths[j], label, score, top, None, indices[j], labels)
+            if self.keep_outputs:
+                row.logits = logits[j, :c].copy()
+                row.features = logits[j, c:].copy() if logits.shape[1] > c else None
+            out.append(row)
+        return out
 
     def _rows(self, paths: Sequence[str], batch: HostBatch, handle: Any) -> list[Prediction]:
         """The rows of a batch whose work was started as ``handle``, in batch order."""
@@ -180,13 +188,12 @@ class Runner:
             for p, err in zip(batch.jpeg_pos, jpeg_errors, strict=True):
                 errors[p] = err
             if len(positions):
-                predicted = self._predictions(logits)
-                for j, p in enumerate(positions):
-                    if errors[p] is not None:
-                        continue
-                    label, score, top, labels = predicted[j]
-                    rows[p] = Prediction(paths[batch.indices[p]], label, score, top,
-                                         None, batch.indices[p], labels)
+                made = self._predictions(logits[:len(positions)],
+                                         [paths[batch.indices[p]] for p in positions],
+                                         [batch.indices[p] for p in positions])
+                for p, row in zip(positions, made, strict=True):
+                    if errors[p] is None:
+                        rows[p] = row
         for p, row in enumerate(rows):
             if row is None:
                 rows[p] = Prediction(paths[batch.indices[p]], None, None, [],
@@ -270,7 +277,9 @@ class Predictor(Runner):
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
                  channels_last: bool = False, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr, tta: bool = False):
+                 decode: str = "pil", warn: Warn = warn_stderr, tta: bool = False,
+                 calibrated: bool = True, min_score: float | None = None,
+                 keep_outputs: bool = False):
         from toolkit.data.transforms import eval_transform
         from toolkit.predict.scoring import thresholds_of
         from toolkit.predict.torch_runtime import TorchRuntime
@@ -283,9 +292,10 @@ class Predictor(Runner):
         runtime = TorchRuntime(loaded.model, transform, device=device, precision=precision,
                                channels_last=channels_last, jpeg=decode == "torchvision",
                                tta=tta, multi_label=thresholds is not None)
+        scoring = Scoring.for_model(loaded.meta, calibrated=calibrated, min_score=min_score)
         super().__init__(runtime, transform, loaded.classes, batch_size=batch_size, topk=topk,
-                         workers=workers, decode=decode, warn=warn,
-                         thresholds=thresholds)
+                         workers=workers, decode=decode, warn=warn, scoring=scoring,
+                         keep_outputs=keep_outputs, thresholds=thresholds)
         self.device = runtime.device
         self.model = runtime.model
 
@@ -294,28 +304,33 @@ class Predictor(Runner):
         logits = self.runtime.logits(images, self.batch_size)  # type: ignore[attr-defined]
         if not len(logits):
             return []
-        return [Prediction(None, label, score, top, None, j, labels)
-                for j, (label, score, top, labels) in enumerate(self._predictions(logits))]
+        return self._predictions(logits, [None] * len(logits), range(len(logits)))
 
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
             channels_last: bool = False, workers: int | None = None, decode: str = "pil",
-            warn: Warn = warn_stderr, tta: bool = False) -> Iterator[Prediction]:
+            warn: Warn = warn_stderr, tta: bool = False, calibrated: bool = True,
+            min_score: float | None = None) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
-    :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
+    :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set.
+    Scores use the model's calibration unless ``calibrated`` is False; below ``min_score``
+    a row's ``label`` is None (see :mod:`toolkit.predict.scoring`)."""
     paths = inputs if isinstance(inputs, PathList) else discover(
         inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs), warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn, tta=tta)
+                          decode=decode, warn=warn, tta=tta, calibrated=calibrated,
+                          min_score=min_score)
     return predictor.predict_paths(paths)
 
 
 def predict_tensors(loaded: LoadedModel, images: torch.Tensor, *, topk: int = 1,
                     device: str = "auto", precision: str = "32", channels_last: bool = False,
-                    batch_size: int = 256) -> list[Prediction]:
+                    batch_size: int = 256, calibrated: bool = True,
+                    min_score: float | None = None) -> list[Prediction]:
     """Rows for images already preprocessed with the model's eval transform."""
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
-                          precision=precision, channels_last=channels_last, workers=0)
+                          precision=precision, channels_last=channels_last, workers=0,
+                          calibrated=calibrated, min_score=min_score)
     return predictor.predict_tensors(images)

@@ -169,14 +169,20 @@ class OpenedModel:
         return float(t) if t is not None else None
 
     def runner(self, *, batch_size: int = 32, topk: int = 1, workers: int | None = None,
-               decode: str = "pil", warn: Warn | None = None) -> Runner:
-        """A :class:`~toolkit.predict.runner.Runner` over this model (files -> rows)."""
+               decode: str = "pil", warn: Warn | None = None, calibrated: bool = True,
+               min_score: float | None = None, keep_outputs: bool = False) -> Runner:
+        """A :class:`~toolkit.predict.runner.Runner` over this model (files -> rows), scored
+        as :mod:`toolkit.predict.scoring` says (its calibration unless ``calibrated`` is
+        False, ``min_score``, a multi-label model's thresholds)."""
         from toolkit.data.listing import warn_stderr
         from toolkit.predict.runner import Runner
-        from toolkit.predict.scoring import thresholds_of
+        from toolkit.predict.scoring import Scoring, thresholds_of
 
         return Runner(self.runtime, self.transform, self.classes, batch_size=batch_size,
                       topk=topk, workers=workers, decode=decode, warn=warn or warn_stderr,
+                      scoring=Scoring.for_model(self.meta, calibrated=calibrated,
+                                                min_score=min_score),
+                      keep_outputs=keep_outputs,
                       thresholds=thresholds_of(self.meta, len(self.classes)))
 
 
@@ -193,11 +199,11 @@ def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
     torch (stored models): ``device`` (``auto``, ``cpu``, ``cuda:N``, ``mps`` or a
     ``torch.device``), ``precision``, ``channels_last``, ``decode="torchvision"`` (the
     runtime then accepts JPEG bytes), ``tta`` (mirror averaging), ``plugins`` (loaded
-    plugins, a callable giving them, or None for the installed ones) apply. onnx (exported files): ``device`` (``auto``,
-    ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads [the usable cores]) apply;
-    ``precision`` other than ``32``/``auto``, ``channels_last`` and ``tta`` are refused in one line
-    (an export's precision is chosen by ``tk export [--int8]``). Never imports torch for an
-    exported file."""
+    plugins, a callable giving them, or None for the installed ones) apply. onnx (exported
+    files): ``device`` (``auto``, ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads
+    [the usable cores]) apply; ``precision`` other than ``32``/``auto``, ``channels_last``
+    and ``tta`` are refused in one line (an export's precision is chosen by
+    ``tk export [--int8]``). Never imports torch for an exported file."""
     ref = model if isinstance(model, ModelRef) else resolve_model(
         model, store=store, runtime=runtime, log=log)
     if ref.kind == "onnx":

@@ -235,7 +235,7 @@ class CsvWriter(RowWriter):
         def text(value: str | None) -> str:
             return csv_cell(value or "", self.csv_raw)
 
-        cells: list[object] = [text(escape_path(row.path or "")), text(row.label),
+        cells: list[object] = [text(escape_path(row.path or "")), text(_shown_label(row)),
                                "" if row.score is None else row.score]
         for k in range(1, self.topk):
             if k < len(row.topk):
@@ -249,6 +249,16 @@ class CsvWriter(RowWriter):
         self.emit(_csv_line([*cells, text(row.error)]))
 
 
+def _shown_label(row: Prediction) -> str:
+    """The label cell of the table and csv: ``unknown`` for a predicted row without a label
+    (its top score is below ``--min-score``), empty for an error row."""
+    if row.label is None and row.error is None:
+        from toolkit.predict.scoring import UNKNOWN
+
+        return UNKNOWN
+    return row.label or ""
+
+
 def _table_text(text: str) -> str:
     return escape_control(escape_path(text))
 
@@ -258,7 +268,7 @@ class TableWriter(RowWriter):
     characters escaped."""
 
     def begin(self, *, append: bool = False) -> None:
-        self.width = max([5, *(len(_table_text(c)) for c in self.classes)])
+        self.width = max([7, *(len(_table_text(c)) for c in self.classes)])  # "unknown"
         if not append:
             self.emit(f"{'LABEL':<{self.width}}  {'SCORE':>6}  PATH\n")
 
@@ -266,7 +276,7 @@ class TableWriter(RowWriter):
         path = _table_text(row.path or "")
         if row.error is not None:
             return f"{'ERROR':<{self.width}}  {'-':>6}  {path}  ({_table_text(row.error)})"
-        line = f"{_table_text(row.label or ''):<{self.width}}  {row.score:6.4f}  {path}"
+        line = f"{_table_text(_shown_label(row)):<{self.width}}  {row.score:6.4f}  {path}"
         if row.labels is not None:
             line += "  labels: " + (";".join(_table_text(lab) for lab, _ in row.labels)
                                     or "(none)")

@@ -115,8 +115,10 @@ def with_accepted(component: Any, positional: int, candidates: dict[str, Any],
 def choose_lr(args: FinetuneArgs, optimizer: Any) -> tuple[float, str]:
     """``--lr``, else the optimizer's registered ``default_lr``, else 1e-3; and where the
     value came from (recorded in the metadata)."""
+    if args.lr_auto:  # the range test replaces this placeholder before training
+        return DEFAULT_LR, "auto"
     if args.lr is not None:
-        return args.lr, "--lr"
+        return float(args.lr), "--lr"
     registered = optimizer.default_lr  # checked by the registry when it was registered
     if registered is None:
         return DEFAULT_LR, "tk default"

@@ -53,7 +53,9 @@ class FinetuneArgs:
     optimizer: str | None = None  # built-in default: adamw
     epochs: int = 5
     batch_size: int = 32
-    lr: float | None = None  # None: the optimizer's registered default_lr, else 1e-3
+    lr: float | str | None = None  # None: the optimizer's default_lr, else 1e-3; "auto"
+    lr_auto: bool = False  # --lr auto: the LR range test picks it (set by check())
+    lr_find_steps: int = 100  # steps of that test
     weight_decay: float = 0.05
     freeze: str = "none"
     unfreeze_at: int | None = None
@@ -93,6 +95,8 @@ class FinetuneArgs:
     def check(self) -> None:
         """Types and ranges of every field: one :class:`TkError` line naming the option.
         Called before torch is imported, so user errors come back at once."""
+        if isinstance(self.lr, str) and self.lr.strip().lower() == "auto":
+            self.lr, self.lr_auto = None, True
         hints = _field_types()
         for f in fields(self):
             if f.name != "options":
@@ -152,6 +156,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "accumulate": (1, 65_536),
     "mixup": (0, 1000.0),
     "cutmix": (0, 1000.0),
+    "lr_find_steps": (5, 100_000),
 }
 _POSITIVE = {"classes", "epochs", "batch_size", "lr", "unfreeze_at", "image_size", "patience",
              "accumulate"}
@@ -345,7 +350,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def _settable() -> set[str]:
-    return {f.name for f in fields(FinetuneArgs)} - {"options"}
+    return {f.name for f in fields(FinetuneArgs)} - {"options", "lr_auto"}
 
 
 def finetune_args(given: dict[str, Any] | None = None, *,

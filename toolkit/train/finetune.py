@@ -8,7 +8,9 @@ below::
     model       build_model          weights, backbone + head (size-checked first), input size
     plan        plan_training        freezing, splits, class counts, loss, optimizer, cache
     observers   RunObservers         --log loggers attached; tk_train_start ... tk_train_end
+    lr          find_lr              --lr auto: the LR range test (toolkit.train.lr_find)
     train       Trainer.fit          (toolkit.train.trainer)
+    calibrate   calibrate_best       temperature on the validation split (toolkit.train.calibrate)
     save        save_model           the best weights + metadata into the store
     artifacts   write_artifacts      training curves and confusion matrix
 
@@ -78,7 +80,10 @@ def finetune(args: FinetuneArgs, plugins: Any, *,
                                        plugins, observers.epoch_callback(on_epoch_end),
                                        checkpoints)
                 saved = trainer.read_checkpoint() if args.resume and session.is_main else None
+                found = find_lr(args, trainer, session) if args.lr_auto else None
                 record = training_record(args, components, data, built, plan, session)
+                if found is not None:
+                    record["lr_find"] = found.record()
                 if session.is_main:
                     observers.start(dict(record, classes=data.classes))
                     session.log(describe_run(components, data, built, plan, session))
@@ -97,9 +102,11 @@ def finetune(args: FinetuneArgs, plugins: Any, *,
                     raise
                 if not session.is_main:
                     return None
+                calibration = (calibrate_best(args, built, plan, result, session)
+                               if data.task != "multi-label" else None)
                 info, metadata = save_model(args, components, data, built, plan, result,
-                                            record, outputs, plugins)
-                artifacts = write_artifacts(outputs, result, data.classes, session.log)
+                                            record, outputs, plugins, calibration)
+                artifacts = write_artifacts(outputs, result, data.classes, session.log, found)
                 outputs.run.finish()
         plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path),
                        metadata=metadata, artifacts=artifacts)
@@ -517,15 +524,16 @@ def recipe_identity(args: FinetuneArgs, data: Data) -> dict[str, Any]:
 
 
 def make_trainer(args: FinetuneArgs, components: Components, data: Data, built: Built,
-                 plan: Plan, outputs: Outputs, session: Session, plugins: Any,
+                 plan: Plan, outputs: Outputs | None, session: Session, plugins: Any,
                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
                  checkpoints: bool = True) -> Any:
+    """The trainer (``outputs`` None: no checkpoints, for `tk lr-find`)."""
     from toolkit.train.trainer import Trainer
 
     return Trainer(
         built.model, plan.freezing, plan.loss_fn, plan.optimizer_factory, plan.train_set,
         plan.val_set, len(data.classes), plan.config, session.device,
-        checkpoint=outputs.run.checkpoint if checkpoints else None,
+        checkpoint=outputs.run.checkpoint if checkpoints and outputs is not None else None,
         run_identity=run_identity(args, components, data, built, plan), dist=session.dist,
         on_epoch_end=on_epoch_end or (
             lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m)),
@@ -544,7 +552,9 @@ def training_record(args: FinetuneArgs, components: Components, data: Data, buil
         frozen_groups=plan.freezing.initial, layer_groups=plan.freezing.n_groups,
         device=str(session.device), precision=session.precision,
         world_size=session.dist.world_size, dataset=components.dataset.qualified_name,
-        dataset_options=data.options, feature_cache=plan.feature_cache, task=data.task)
+        dataset_options=data.options, feature_cache=plan.feature_cache, task=data.task,
+        # where --data was, whatever the working folder (tk review's leakage check)
+        data_resolved=str(Path(args.data).resolve()) if args.data else None)
     if plan.balance is not None and plan.balance.counts is not None:
         record["class_counts"] = plan.balance.counts
         if plan.balance.loss_weights is not None:
@@ -562,11 +572,85 @@ def describe_run(components: Components, data: Data, built: Built, plan: Plan,
             f"device {session.device}, precision {session.precision}, lr {plan.config.lr:g}")
 
 
+# -- lr: the range test ------------------------------------------------------------------------
+
+def find_lr(args: FinetuneArgs, trainer: Any, session: Session, what: str = "--lr auto"
+            ) -> Any:
+    """``--lr auto``: the LR range test on the training split (model restored after); the
+    trainer then trains with its suggestion, said on stderr."""
+    session.log(f"{what}: LR range test ({args.lr_find_steps} steps, 1e-07 .. 10)...")
+    found = trainer.find_lr(args.lr_find_steps)
+    session.log(f"{what}: lr {found.suggestion:.3g} (valley rule; {len(found.lrs)} steps, "
+                f"lowest loss at lr {found.record()['min_loss_lr'] or 0:.3g})")
+    return found
+
+
+@dataclass
+class LrFindResult:
+    suggestion: float
+    record: dict[str, Any]
+    plot: str | None
+
+
+def lr_find(args: FinetuneArgs, plugins: Any) -> LrFindResult | None:
+    """`tk lr-find`: the steps of :func:`finetune` up to the trainer, then the LR range
+    test alone (nothing trained, nothing saved but the plot,
+    ``$TK_HOME/artifacts/NAME/lr_find.png``). Returns the result on rank 0."""
+    from model_store import ModelStore, check_name
+    from toolkit import plots
+
+    args.check()
+    args.lr_auto = True
+    components = resolve_components(args, plugins)
+    store = ModelStore(args.store)
+    name = args.name or default_name(components.backbone.name, components.dataset.name)
+    check_name(name)
+    data = load_data(args, components)
+    with training_session(args) as session:
+        built = build_model(args, plugins, components, data, store, session)
+        plan = plan_training(args, components, data, built, store, session)
+        trainer = make_trainer(args, components, data, built, plan, None, session, plugins)
+        found = find_lr(args, trainer, session, "lr-find")
+        if not session.is_main:
+            return None
+    png: str | None = str(store.artifact_path(name, "lr_find.png"))
+    try:
+        plots.lr_finder(found.lrs, found.losses, found.suggestion, Path(str(png)))
+    except Exception as exc:  # noqa: BLE001 - the suggestion stands without its plot
+        session.log(f"warning: could not draw the plot ({exc})")
+        png = None
+    return LrFindResult(found.suggestion, found.record(), png)
+
+
 # -- save and artifacts ------------------------------------------------------------------------
+
+def calibrate_best(args: FinetuneArgs, built: Built, plan: Plan, result: Any,
+                   session: Session) -> dict[str, Any] | None:
+    """The best epoch's weights, and their calibration temperature fitted on the
+    validation split (``meta["calibration"]``; said on stderr)."""
+    from toolkit.train.calibrate import calibrate
+
+    built.model.load_state_dict(result.best_state)
+    net = built.model.head if plan.feature_cache else built.model
+    try:
+        record = calibrate(net, plan.val_set, device=session.device,
+                           precision=session.precision, batch_size=args.batch_size,
+                           channels_last=args.channels_last and not plan.feature_cache)
+    except Exception as exc:  # calibration must never lose a trained model
+        session.log(f"warning: could not calibrate the scores ({exc}); scores stay the raw "
+                    "softmax")
+        return None
+    if record is not None and not args.quiet:
+        session.log(f"calibration: temperature {record['temperature']:.3f} on "
+                    f"{record['images']} validation images (ECE {record['ece_before']:.4f} "
+                    f"-> {record['ece_after']:.4f})")
+    return record
+
 
 def save_model(args: FinetuneArgs, components: Components, data: Data, built: Built,
                plan: Plan, result: Any, record: dict[str, Any], outputs: Outputs,
-               plugins: Any) -> tuple[Any, dict[str, Any]]:
+               plugins: Any, calibration: dict[str, Any] | None = None
+               ) -> tuple[Any, dict[str, Any]]:
     """The best epoch's weights and everything inference needs, into the store (a fully
     frozen backbone goes into a shared base)."""
     from toolkit.model.assemble import ModelSpec
@@ -593,6 +677,8 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
     }
     if data.task == "multi-label":
         metadata.update(multilabel_meta(args, result, data.classes))
+    if calibration is not None:
+        metadata["calibration"] = calibration
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fully_frozen = result.frozen_groups_end == plan.freezing.n_groups
     # frozen tensors are kept once in the store (shared with the weights they came from)
@@ -620,13 +706,17 @@ def multilabel_meta(args: FinetuneArgs, result: Any, classes: list[str]) -> dict
                                       "ap": s.ap}}
 
 
-def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any
-                    ) -> dict[str, str]:
+def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any,
+                    found: Any = None) -> dict[str, str]:
     from toolkit import plots
 
     store, name = outputs.store, outputs.name
     out = {}
     try:
+        if found is not None:
+            lr_png = store.artifact_path(name, "lr_find.png")
+            plots.lr_finder(found.lrs, found.losses, found.suggestion, lr_png)
+            out["lr_find"] = str(lr_png)
         curves = store.artifact_path(name, "curves.png")
         plots.training_curves(result.history, curves)
         out["curves"] = str(curves)

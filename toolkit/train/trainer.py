@@ -260,6 +260,28 @@ class Trainer:
     def _trainable(self) -> nn.Module:
         return self.model.head if self.features_only else self.model
 
+    # -- for the LR range test (toolkit.train.lr_find) -------------------------------------
+    def trainable_net(self) -> nn.Module:
+        """The module a training step runs (DDP-wrapped under torchrun)."""
+        return Nets(self._trainable(), self.device, self.dist, compile=False,
+                    find_unused=bool(self.freezing.unfreeze_at)).train
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer over the parameters trainable now."""
+        return self._optimizer()
+
+    def train_loader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def find_lr(self, steps: int) -> Any:
+        """``--lr auto``: run the LR range test and train with its suggestion (returns
+        the :class:`toolkit.train.lr_find.RangeTest`)."""
+        from toolkit.train.lr_find import range_test
+
+        found = range_test(self, steps=steps)
+        self.cfg.lr = found.suggestion
+        return found
+
     def _loader(self, dataset: Any, train: bool) -> torch.utils.data.DataLoader:
         # training samples carry their epoch: each one's augmentation is seeded by
         # (seed, epoch, index), whichever worker draws it, so workers can stay alive across
