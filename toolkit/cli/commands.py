@@ -6,6 +6,7 @@ from toolkit.cli import (
     infer,  # noqa: F401
     listing,  # noqa: F401
     review,  # noqa: F401
+    serve,  # noqa: F401
     store,  # noqa: F401
     tune,  # noqa: F401
 )
