@@ -49,11 +49,9 @@ CROP, JPEG, ERROR = 0, 1, 2  # what a file became
 
 def default_workers() -> int:
     """``min(4, usable CPU cores)``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus))
+    from toolkit.env import usable_cpus
+
+    return max(0, min(4, usable_cpus()))
 
 
 @dataclass
