@@ -25,12 +25,16 @@ def _runtime_options(func: Any) -> Any:
                      help="auto | cpu | cuda | cuda:N | mps."),
         click.option("--precision", type=click.Choice(_PRECISIONS), default="32",
                      show_default=True, help="Autocast precision of the forward pass."),
-        click.option("--channels-last", is_flag=True, help="channels_last memory format."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="channels_last memory format [auto: on for convolutional models "
+                     "on CPU and CUDA]."),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="Decoding worker processes [min(4, CPU cores)]."),
-        click.option("--decode", type=click.Choice(_DECODERS), default="pil",
+        click.option("--decode", type=click.Choice(_DECODERS), default="auto",
                      show_default=True,
-                     help="pil: exact eval transform; draft: reduced-size decoding of large "
+                     help="auto: reduced-size decoding only of JPEGs at least twice the size "
+                     "the model needs, still at least twice that size; pil: exact eval "
+                     "transform; draft: reduced-size decoding of large "
                      "JPEGs (faster, pixels differ slightly); torchvision: JPEGs decoded on "
                      "the model's device (nvJPEG on CUDA)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),

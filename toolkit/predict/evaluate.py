@@ -107,8 +107,8 @@ def metrics(confusion: list[list[int]], classes: list[str]
 
 
 def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: int = 32,
-             device: Any = "auto", precision: str = "32", channels_last: bool = False,
-             workers: int | None = None, decode: str = "pil", warn: Warn = warn_stderr,
+             device: Any = "auto", precision: str = "32", channels_last: bool | None = None,
+             workers: int | None = None, decode: str = "auto", warn: Warn = warn_stderr,
              progress: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
@@ -165,9 +165,9 @@ class EvalArgs:
     batch_size: int = 32
     device: str = "auto"
     precision: str = "32"
-    channels_last: bool = False
+    channels_last: bool | None = None
     workers: int | None = None
-    decode: str = "pil"
+    decode: str = "auto"
     quiet: bool = False
 
 

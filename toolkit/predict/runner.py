@@ -110,7 +110,7 @@ class Runner:
 
     def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
                  batch_size: int = 32, topk: int = 1, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr):
+                 decode: str = "auto", warn: Warn = warn_stderr):
         if int(batch_size) < 1:
             raise TkError(f"--batch-size must be at least 1, got {batch_size}")
         if int(topk) < 1:
@@ -229,8 +229,8 @@ class Predictor(Runner):
 
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool = False, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr):
+                 channels_last: bool | None = None, workers: int | None = None,
+                 decode: str = "auto", warn: Warn = warn_stderr):
         from toolkit.data.transforms import eval_transform
         from toolkit.predict.torch_runtime import TorchRuntime
 
@@ -261,7 +261,7 @@ class Predictor(Runner):
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
-            channels_last: bool = False, workers: int | None = None, decode: str = "pil",
+            channels_last: bool | None = None, workers: int | None = None, decode: str = "auto",
             warn: Warn = warn_stderr) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
     :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
@@ -274,8 +274,8 @@ def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any],
 
 
 def predict_tensors(loaded: LoadedModel, images: torch.Tensor, *, topk: int = 1,
-                    device: str = "auto", precision: str = "32", channels_last: bool = False,
-                    batch_size: int = 256) -> list[Prediction]:
+                    device: str = "auto", precision: str = "32",
+                    channels_last: bool | None = None, batch_size: int = 256) -> list[Prediction]:
     """Rows for images already preprocessed with the model's eval transform."""
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=0)

@@ -37,14 +37,14 @@ class TorchRuntime:
 
     def __init__(self, model: nn.Module, transform: EvalTransform, *,
                  device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool = False, jpeg: bool = False):
+                 channels_last: bool | None = None, jpeg: bool = False):
         import torch
 
-        from toolkit.devices import check_precision, resolve_device
+        from toolkit.devices import check_precision, resolve_channels_last, resolve_device
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = check_precision(precision, self.device)
-        self.channels_last = bool(channels_last)
+        self.channels_last = resolve_channels_last(channels_last, model, self.device)
         self.transform = transform
         self.accepts_jpeg = bool(jpeg)
         self.cuda = self.device.type == "cuda"
