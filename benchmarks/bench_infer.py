@@ -8,15 +8,19 @@ same batch size and the same number of decoding workers:
 - tutorial loop: ``torchvision.datasets.ImageFolder`` + PIL + ``transforms.Compose([Resize,
   CenterCrop, ToTensor, Normalize])`` + ``DataLoader`` + ``model(x).argmax(1)`` under
   ``torch.no_grad()``, as the tutorials write it;
-- tk, Python API: ``toolkit.predict.runner.predict`` (default ``pil`` decoder: exact eval
-  transform), and again with ``decode="draft"`` (reduced-size JPEG decoding);
+- tk, Python API: ``toolkit.predict.runner.predict`` with its defaults (``--decode auto``:
+  reduced-size JPEG decoding only of files at least twice the size the model needs;
+  channels-last auto), with the settings before issue 15 (``--decode pil`` exact decoding,
+  contiguous layout), and with ``decode="draft"`` (reduced-size decoding down to the size
+  needed); each on its own copy of the model (channels-last converts a model in place);
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
   end (its wall time includes starting Python, importing torch and loading the model);
 - tk's decoding workers alone (:func:`toolkit.data.batches.iter_batches`: decode, resize,
   crop to ``uint8`` batches, no model): the rate the data side can feed any runtime.
 
 The folder holds photo-like images (gradients, shapes and noise, JPEG quality 90) made on
-the first run, or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
+the first run, ``--photos``: crops of real photographs (benchmarks/photos.py, needs
+scikit-learn), or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
 The model is a randomly initialised torchvision resnet18 (10 classes) saved to a temporary
 store, or ``--model NAME`` from ``--store``.
 
@@ -99,10 +103,30 @@ def save_random_resnet18(store_dir: Path, image_size: int | None = None) -> str:
     return "bench-resnet18"
 
 
+def make_folder(folder: Path, n: int, size: tuple[int, int], photos: bool) -> None:
+    """Generated photo-like JPEGs, or (``photos``) crops of real photographs."""
+    if photos:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from photos import photo_jpegs
+
+        photo_jpegs(folder, n, size)
+    else:
+        make_images(folder, n, size)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def tk_model_copies(loaded):
+    """A copy of ``loaded`` per tk pipeline (decode, channels_last): channels-last converts
+    a model in place, and the raw-forward and tutorial baselines keep the original."""
+    import copy
+
+    return {key: copy.deepcopy(loaded)
+            for key in (("pil", False), ("auto", None), ("draft", None))}
 
 
 def main() -> None:
@@ -112,6 +136,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="images to generate [200]")
     ap.add_argument("--size", default="1024x768", help="generated image size WxH")
     ap.add_argument("--images-dir", type=Path, help="use this folder of JPEGs instead")
+    ap.add_argument("--photos", action="store_true",
+                    help="make the images from real photographs (benchmarks/photos.py)")
     ap.add_argument("--model", help="stored model (default: random resnet18, temp store)")
     ap.add_argument("--image-size", type=int,
                     help="input size of the random resnet18 (default: its 224)")
@@ -143,7 +169,7 @@ def main() -> None:
         w, h = (int(v) for v in opts.size.lower().split("x"))
         root = tmp / "images"
         print(f"making {opts.images} JPEGs of {w}x{h} in {root} ...", file=sys.stderr)
-        make_images(root / "photos", opts.images, (w, h))  # ImageFolder wants a class dir
+        make_folder(root / "photos", opts.images, (w, h), opts.photos)  # ImageFolder: a class
     if opts.model:
         store_dir, name = opts.store, opts.model
     else:
@@ -152,6 +178,7 @@ def main() -> None:
     plugins = load_plugins()
     device = resolve_device(opts.device)
     loaded = load_model(name, store_dir, plugins=plugins, device=device)
+    copies = tk_model_copies(loaded)
     model = loaded.model.eval()
     dc = loaded.data_config
     files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in (".jpg",
@@ -188,9 +215,10 @@ def main() -> None:
         return preds
 
     # (c) tk
-    def tk_api(decode: str) -> list[str]:
-        return [r.label for r in predict(loaded, [root], batch_size=bs, workers=workers,
-                                         device=str(device), decode=decode)]
+    def tk_api(decode: str, channels_last: bool | None = None) -> list[str]:
+        return [r.label for r in predict(copies[decode, channels_last], [root], batch_size=bs,
+                                         workers=workers, device=str(device), decode=decode,
+                                         channels_last=channels_last)]
 
     out = tmp / "out.jsonl"
     env = dict(os.environ)
@@ -221,8 +249,11 @@ def main() -> None:
     pipelines = {
         "raw forward (tensors in memory)": raw,
         "tutorial loop (ImageFolder + PIL + DataLoader)": tutorial,
-        "tk infer, Python API (exact, --decode pil)": lambda: tk_api("pil"),
-        "tk infer, Python API (--decode draft)": lambda: tk_api("draft"),
+        "tk infer, Python API (before: --decode pil --no-channels-last)":
+            lambda: tk_api("pil", False),
+        "tk infer, Python API (defaults: --decode auto, channels-last auto)":
+            lambda: tk_api("auto"),
+        "tk infer, Python API (--decode draft, channels-last auto)": lambda: tk_api("draft"),
     }
     if not opts.skip_cli:
         pipelines["tk infer, CLI end to end (process start included)"] = cli
@@ -246,11 +277,13 @@ def main() -> None:
                         min(cli_own)))
     tut = outputs[labels[1]]
     tk_rows = outputs[labels[2]]
-    draft_rows = outputs[labels[3]]
+    auto_rows = outputs[labels[3]]
+    draft_rows = outputs[labels[4]]
 
     classes = loaded.classes
     agree_tut = sum(classes[a] == b for a, b in zip(tut, tk_rows, strict=True)) / n
     agree_draft = sum(a == b for a, b in zip(tk_rows, draft_rows, strict=True)) / n
+    agree_auto = sum(a == b for a, b in zip(tk_rows, auto_rows, strict=True)) / n
     raw_rate = n / results[0][1]
     tut_rate = n / results[1][1]
     print(f"\n{n} JPEGs ({opts.size if not opts.images_dir else root}), {name}, batch {bs}, "
@@ -262,6 +295,7 @@ def main() -> None:
         rate = n / t
         print(f"| {label} | {rate:.1f} | {rate / raw_rate:.2f} | {rate / tut_rate:.2f} |")
     print(f"\ntop-1 agreement: tk (pil) vs tutorial {agree_tut:.1%}; "
+          f"tk defaults (--decode auto) vs tk pil {agree_auto:.1%} ({n} images); "
           f"tk draft vs tk pil {agree_draft:.1%}")
     if opts.keep:
         print(f"kept {tmp}", file=sys.stderr)
