@@ -123,15 +123,22 @@ def test_training_workers_are_bounded_by_cores_fds_and_memory(monkeypatch):
 
     monkeypatch.setattr(devices, "usable_cpus", lambda: 16)
     monkeypatch.setattr(devices, "_available_memory", lambda: 64 << 30)
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (65536, 65536))
+    unlimited = {resource.RLIMIT_NOFILE: (65536, 65536),
+                 resource.RLIMIT_FSIZE: (resource.RLIM_INFINITY, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: unlimited[which])
     assert devices.train_workers() == 4
     assert devices.train_workers(world_size=8) == 2
     monkeypatch.setattr(devices, "usable_cpus", lambda: 1)
     assert devices.train_workers() == 1
     monkeypatch.setattr(devices, "usable_cpus", lambda: 16)
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (100, 100))  # ulimit -n 100
+    limits = dict(unlimited)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits[which])
+    limits[resource.RLIMIT_NOFILE] = (100, 100)  # ulimit -n 100
     assert devices.train_workers() == 0
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (65536, 65536))
+    limits[resource.RLIMIT_NOFILE] = (65536, 65536)
+    limits[resource.RLIMIT_FSIZE] = (20_000, 20_000)  # ulimit -f: shared-memory batches fail
+    assert devices.train_workers() == 0
+    limits[resource.RLIMIT_FSIZE] = unlimited[resource.RLIMIT_FSIZE]
     monkeypatch.setattr(devices, "_available_memory", lambda: 1100 << 20)
     assert devices.train_workers() == 2
 

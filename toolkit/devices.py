@@ -123,7 +123,8 @@ def train_workers(world_size: int = 1) -> int:
     """DataLoader workers for training by default: the usable cores (per process under
     torchrun), at most 4, fewer when the file-descriptor limit (each worker holds pipes and
     passes batches as shared-memory descriptors) or the available memory (about 0.5 GB a
-    worker) leave less room."""
+    worker) leave less room; none under a file-size limit (``ulimit -f``: the shared-memory
+    files that carry the batches are capped by it)."""
     workers = min(4, usable_cpus() // max(1, int(world_size)))
     try:
         import resource
@@ -131,6 +132,10 @@ def train_workers(world_size: int = 1) -> int:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY:
             workers = min(workers, max(0, (int(soft) - 64) // 64))
+        # workers hand batches over in shared-memory files, which a file-size limit
+        # (ulimit -f) caps too: then decode in the main process
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            workers = 0
     except (ImportError, OSError, ValueError):
         pass
     available = _available_memory()
