@@ -9,7 +9,7 @@ DEMO_DIR ?= demo-out
 $(BIN)/tk: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,onnx,tensorboard,mlflow,tune,serve,review]'
+	$(BIN)/pip install -q -e '.[test,onnx,tensorboard,mlflow,tune,serve,review,multilabel]'
 	touch $(BIN)/tk
 
 setup: $(BIN)/tk

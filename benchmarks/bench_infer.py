@@ -16,7 +16,12 @@ same batch size and the same number of decoding workers:
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
   end (its wall time includes starting Python, importing torch and loading the model);
 - tk's decoding workers alone (:func:`toolkit.data.batches.iter_batches`: decode, resize,
-  crop to ``uint8`` batches, no model): the rate the data side can feed any runtime.
+  crop to ``uint8`` batches, no model): the rate the data side can feed any runtime;
+- tk on ONNX Runtime: the same model exported by ``tk export`` (fp32, and ``--int8``
+  calibrated on the benchmark's own images, ``--force`` since random weights may disagree
+  with fp32 on more than 2 %) and run through
+  :func:`toolkit.predict.session.open_predictor` (the path of ``tk infer --model
+  FILE.onnx``: same decoding workers, no torch), and through the CLI end to end.
 
 The folder holds photo-like images (gradients, shapes and noise, JPEG quality 90) made on
 the first run, ``--photos``: crops of real photographs (benchmarks/photos.py, needs
@@ -27,6 +32,8 @@ store, or ``--model NAME`` from ``--store``.
     python benchmarks/bench_infer.py                     # 200 images 1024x768, ~2-3 min
     python benchmarks/bench_infer.py --images 64 --size 640x480 --batch-size 16
     python benchmarks/bench_infer.py --image-size 64      # a 64 px model: decoding-bound
+    python benchmarks/bench_infer.py --images 1050 --size 500x375 \
+        --only raw,tutorial,tk,onnx,int8                  # the issue-14 comparison
 
 Timings cover the whole pass (loader start-up included, after one warm-up forward); each
 pipeline runs ``--repeat`` times in rotating order and its best pass counts (the machine
@@ -114,6 +121,21 @@ def make_folder(folder: Path, n: int, size: tuple[int, int], photos: bool) -> No
         make_images(folder, n, size)
 
 
+KEYS = ("raw", "tutorial", "tk", "auto", "draft", "cli", "onnx", "int8", "cli-onnx", "decode")
+
+
+def export_onnx(name: str, store_dir: Path, out: Path, calibrate: Path, int8: bool) -> Path:
+    """``tk export`` of the benchmark model (the library function the command calls)."""
+    from toolkit.plugin.manager import load_plugins
+    from toolkit.predict.export.run import ExportArgs, export_model
+
+    args = ExportArgs(name, output=str(out), int8=int8, calibrate=str(calibrate), force=True,
+                      store=str(store_dir))
+    result = export_model(args, load_plugins(), log=lambda m: print(f"  export: {m}",
+                                                                     file=sys.stderr))
+    return result.path
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -149,7 +171,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--repeat", type=int, default=2,
                     help="rounds (order rotated); the best pass of each pipeline counts [2]")
+    ap.add_argument("--only", help="comma-separated pipelines to run, of: " + ",".join(KEYS)
+                    + " [all]")
     opts = ap.parse_args()
+    wanted = set(opts.only.split(",")) if opts.only else set(KEYS)
+    if wanted - set(KEYS) or not {"raw", "tutorial"} <= wanted:
+        raise SystemExit(f"--only: pick from {','.join(KEYS)} (raw and tutorial always)")
 
     import torch
     from torch.utils.data import DataLoader
@@ -246,23 +273,53 @@ def main() -> None:
                               workers=workers):
             pass
 
-    pipelines = {
-        "raw forward (tensors in memory)": raw,
-        "tutorial loop (ImageFolder + PIL + DataLoader)": tutorial,
-        "tk infer, Python API (before: --decode pil --no-channels-last)":
-            lambda: tk_api("pil", False),
-        "tk infer, Python API (defaults: --decode auto, channels-last auto)":
-            lambda: tk_api("auto"),
-        "tk infer, Python API (--decode draft, channels-last auto)": lambda: tk_api("draft"),
-    }
-    if not opts.skip_cli:
-        pipelines["tk infer, CLI end to end (process start included)"] = cli
-    try:
-        import toolkit.data.batches  # noqa: F401  (an older tk had DataLoader workers)
+    exports: dict[str, Path] = {}
+    for key, int8 in (("onnx", False), ("int8", True)):
+        if key in wanted or (key == "onnx" and "cli-onnx" in wanted):
+            print(f"exporting {name} to ONNX{' int8' if int8 else ''} ...", file=sys.stderr)
+            exports[key] = export_onnx(name, store_dir, tmp / f"{key}.onnx", root, int8)
 
-        pipelines["tk decoding workers alone (no model; not a pipeline)"] = decoding_only
-    except ImportError:
-        pass
+    def tk_onnx(key: str) -> list[str]:
+        from toolkit.data.listing import discover
+        from toolkit.predict.session import open_predictor
+
+        with open_predictor(exports[key], device=str(device)) as opened:
+            runner = opened.runner(batch_size=bs, workers=workers)
+            return [r.label for r in runner.predict_paths(discover([str(root)]))]
+
+    out_onnx = tmp / "out-onnx.jsonl"
+
+    def cli_onnx() -> None:
+        proc = subprocess.run([*cmd[:cmd.index("--store")], "--model", str(exports["onnx"]),
+                               "-o", str(out_onnx), "-q", "--batch-size", str(bs),
+                               "--workers", str(workers)], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"tk infer --model FILE.onnx failed:\n{proc.stderr}")
+        assert len(out_onnx.read_text().splitlines()) == n
+
+    candidates = {
+        "raw": ("raw forward (tensors in memory)", raw),
+        "tutorial": ("tutorial loop (ImageFolder + PIL + DataLoader)", tutorial),
+        "tk": ("tk infer, torch runtime, Python API (before: --decode pil "
+               "--no-channels-last)", lambda: tk_api("pil", False)),
+        "auto": ("tk infer, torch runtime, Python API (defaults: --decode auto, "
+                 "channels-last auto)", lambda: tk_api("auto")),
+        "draft": ("tk infer, torch runtime, Python API (--decode draft, channels-last auto)",
+                  lambda: tk_api("draft")),
+        "cli": ("tk infer, torch runtime, CLI end to end (process start included)", cli),
+        "onnx": ("tk infer --model FILE.onnx, ONNX Runtime fp32, Python API",
+                 lambda: tk_onnx("onnx")),
+        "int8": ("tk infer --model FILE.onnx, ONNX Runtime int8, Python API",
+                 lambda: tk_onnx("int8")),
+        "cli-onnx": ("tk infer --model FILE.onnx, fp32, CLI end to end (process start "
+                     "included)", cli_onnx),
+        "decode": ("tk decoding workers alone (no model; not a pipeline)", decoding_only),
+    }
+    if opts.skip_cli:
+        wanted -= {"cli", "cli-onnx"}
+    pipelines = {label: fn for key, (label, fn) in candidates.items() if key in wanted}
+    key_of = {label: key for key, (label, _) in candidates.items()}
     best: dict[str, float] = {}
     outputs: dict[str, object] = {}
     labels = list(pipelines)
@@ -275,15 +332,17 @@ def main() -> None:
     if cli_own:
         results.append(("tk infer, CLI as it reports itself (start-up excluded)",
                         min(cli_own)))
-    tut = outputs[labels[1]]
-    tk_rows = outputs[labels[2]]
-    auto_rows = outputs[labels[3]]
-    draft_rows = outputs[labels[4]]
-
+    by_key = {key_of[label]: out for label, out in outputs.items()}
     classes = loaded.classes
-    agree_tut = sum(classes[a] == b for a, b in zip(tut, tk_rows, strict=True)) / n
-    agree_draft = sum(a == b for a, b in zip(tk_rows, draft_rows, strict=True)) / n
-    agree_auto = sum(a == b for a, b in zip(tk_rows, auto_rows, strict=True)) / n
+    tut = [classes[i] for i in by_key["tutorial"]]  # type: ignore[union-attr]
+
+    def agreement(a: str, b: str) -> str:
+        if a not in by_key or b not in by_key:
+            return ""
+        x = tut if a == "tutorial" else by_key[a]
+        same = sum(p == q for p, q in zip(x, by_key[b], strict=True))  # type: ignore
+        return f"{b} vs {a} {same / n:.1%}"
+
     raw_rate = n / results[0][1]
     tut_rate = n / results[1][1]
     print(f"\n{n} JPEGs ({opts.size if not opts.images_dir else root}), {name}, batch {bs}, "
@@ -294,9 +353,9 @@ def main() -> None:
     for label, t in results:
         rate = n / t
         print(f"| {label} | {rate:.1f} | {rate / raw_rate:.2f} | {rate / tut_rate:.2f} |")
-    print(f"\ntop-1 agreement: tk (pil) vs tutorial {agree_tut:.1%}; "
-          f"tk defaults (--decode auto) vs tk pil {agree_auto:.1%} ({n} images); "
-          f"tk draft vs tk pil {agree_draft:.1%}")
+    pairs = [agreement("tutorial", "tk"), agreement("tk", "auto"), agreement("tk", "draft"),
+             agreement("tk", "onnx"), agreement("onnx", "int8"), agreement("tutorial", "onnx")]
+    print("\ntop-1 agreement: " + "; ".join(p for p in pairs if p))
     if opts.keep:
         print(f"kept {tmp}", file=sys.stderr)
     else:

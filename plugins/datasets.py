@@ -11,11 +11,15 @@ given"), so the core can check option names against the signature.
     ``val/`` (or ``valid/``, ``validation/``; ``test/`` is ignored) uses them as the two
     parts; so does ``val_path``; otherwise a seeded stratified split. A ``path`` that is a
     ``.csv`` file is read as a ``csv`` manifest.
-``csv`` (``path`` to the manifest; ``root``, ``allow_outside_root``)
+``csv`` (``path`` to the manifest; ``root``, ``allow_outside_root``, ``val_path``)
     A header with ``path`` and ``label`` columns (others ignored; an optional ``split``
-    column with ``train`` / ``val`` fixes the split). Relative paths are relative to the
-    manifest's folder (or ``root``); a path leaving that root (``..``, absolute, symlink)
-    is refused unless ``allow_outside_root=true``. Classes: the sorted unique labels.
+    column with ``train`` / ``val`` fixes the split). A ``labels`` column instead of
+    ``label`` makes it multi-label: classes separated by ``;``, empty for none (a seeded
+    random split; ``task = "multi-label"``). ``val_path`` (``--val-data``): a second
+    manifest of the same kind for validation; its labels must be training classes.
+    Relative paths are relative to the manifest's folder (or ``root``); a path leaving
+    that root (``..``, absolute, symlink) is refused unless ``allow_outside_root=true``.
+    Classes: the sorted unique labels.
 ``shapes`` (``num_classes`` 2-10, default 5; ``samples`` 1200 in all; ``image_size`` 64)
     See :mod:`plugins.shapes`. Validation images are drawn from indices disjoint from the
     training ones.
@@ -90,17 +94,24 @@ class FileListSource:
     part); ``val_samples``: the explicit validation samples, or ``None``.
     """
 
-    def __init__(self, classes: list[str], samples: list[tuple[str, int]],
-                 val_samples: list[tuple[str, int]] | None = None, *, description: str = ""):
+    def __init__(self, classes: list[str], samples: list[tuple[str, Any]],
+                 val_samples: list[tuple[str, Any]] | None = None, *, description: str = "",
+                 task: str = "single-label"):
         self.classes = classes
         self.samples = samples
         self.val_samples = val_samples
         self.description = description
+        self.task = task  # "multi-label": each label is a tuple of class indices
 
     def split_samples(self, *, val_split: float, seed: int
-                      ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+                      ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         if self.val_samples is not None:
             return list(self.samples), list(self.val_samples)
+        if self.task == "multi-label":
+            from toolkit.data.splits import random_split
+
+            train_idx, val_idx = random_split(len(self.samples), val_split, seed)
+            return [self.samples[i] for i in train_idx], [self.samples[i] for i in val_idx]
         from toolkit.data.splits import stratified_split
 
         train_idx, val_idx = stratified_split([label for _, label in self.samples], val_split,
@@ -109,9 +120,13 @@ class FileListSource:
 
     def splits(self, train_transform: Any, eval_transform: Any, *, val_split: float,
                seed: int) -> tuple[Any, Any]:
-        from toolkit.data.datasets import ImageListDataset
+        from toolkit.data.datasets import ImageListDataset, MultiLabelListDataset
 
         train, val = self.split_samples(val_split=val_split, seed=seed)
+        if self.task == "multi-label":
+            k = len(self.classes)
+            return (MultiLabelListDataset(train, k, train_transform),
+                    MultiLabelListDataset(val, k, eval_transform))
         return ImageListDataset(train, train_transform), ImageListDataset(val, eval_transform)
 
     def __repr__(self) -> str:
@@ -183,8 +198,8 @@ def imagefolder(path: Any = None, val_path: Any = None, num_classes: Any = None
     if path is None:
         raise DataError("dataset 'imagefolder' needs a folder: --data PATH")
     p = Path(os.fspath(path)).expanduser()
-    if p.is_file() and p.suffix.lower() == ".csv" and val_path is None:
-        return manifest(path=p, num_classes=num_classes)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        return manifest(path=p, num_classes=num_classes, val_path=val_path)
     root = _existing_dir(p, "data folder")
     val_root = None
     if val_path is not None:
@@ -207,11 +222,60 @@ def imagefolder(path: Any = None, val_path: Any = None, num_classes: Any = None
 
 
 def manifest(path: Any = None, num_classes: Any = None, root: Any = None,
-             allow_outside_root: Any = False) -> FileListSource:
-    """A csv manifest of ``path,label`` rows (see the module docstring)."""
+             allow_outside_root: Any = False, val_path: Any = None) -> FileListSource:
+    """A csv manifest of ``path,label`` rows, or ``path,labels`` rows (multi-label; see
+    the module docstring). ``val_path``: a second manifest of the same kind for
+    validation, whose labels must be classes of the first."""
     if path is None:
         raise DataError("dataset 'csv' needs a manifest file: --data FILE.csv")
     mpath = Path(os.fspath(path)).expanduser()
+    multi, rows = _read_manifest(mpath, root, allow_outside_root)
+    if multi:
+        classes = sorted({lab for _, labels, _, _ in rows for lab in labels})
+    else:
+        classes = sorted({label for _, label, _, _ in rows})
+    _check_class_count(num_classes, classes, f"manifest {mpath}")
+    _need_two(classes, f"manifest {mpath}")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def target(label: Any) -> Any:
+        return tuple(index[x] for x in label) if multi else index[label]
+
+    task = "multi-label" if multi else "single-label"
+    if val_path is not None:
+        vpath = Path(os.fspath(val_path)).expanduser()
+        vmulti, vrows = _read_manifest(vpath, None, allow_outside_root)
+        if vmulti != multi:
+            raise DataError(f"--val-data {vpath} has a '{'labels' if vmulti else 'label'}' "
+                            f"column but --data {mpath} a '{'labels' if multi else 'label'}' "
+                            "one: use the same kind of manifest for both")
+        for _, label, _, line in vrows:
+            for lab in (label if multi else (label,)):
+                if lab not in index:
+                    raise DataError(f"--val-data {vpath} line {line}: label {lab!r} is not a "
+                                    f"class of the training data ({', '.join(classes[:12])}"
+                                    f"{', ...' if len(classes) > 12 else ''})")
+        return FileListSource(classes, [(f, target(lab)) for f, lab, _, _ in rows],
+                              [(f, target(lab)) for f, lab, _, _ in vrows],
+                              description=str(mpath), task=task)
+    parts = [part for _, _, part, _ in rows]
+    if any(part is not None for part in parts):
+        if any(part is None for part in parts):
+            raise DataError(f"manifest {mpath}: some rows have a split and others not")
+        train = [(f, target(lab)) for f, lab, part, _ in rows if part == "train"]
+        val = [(f, target(lab)) for f, lab, part, _ in rows if part == "val"]
+        if not train or not val:
+            raise DataError(f"manifest {mpath}: the split column needs both train and val rows")
+        return FileListSource(classes, train, val, description=str(mpath), task=task)
+    return FileListSource(classes, [(f, target(lab)) for f, lab, _, _ in rows],
+                          description=str(mpath), task=task)
+
+
+def _read_manifest(mpath: Path, root: Any, allow_outside_root: Any
+                   ) -> tuple[bool, list[tuple[str, Any, str | None, int]]]:
+    """``(multi_label, rows)`` of a manifest: rows are ``(file, label, split, line)``, the
+    label a string, or a sorted tuple of strings (possibly empty) when the header has
+    ``labels``."""
     if not mpath.is_file():
         raise DataError(f"manifest {mpath} does not exist" if not mpath.exists()
                         else f"manifest {mpath} is not a file")
@@ -225,7 +289,7 @@ def manifest(path: Any = None, num_classes: Any = None, root: Any = None,
         fh = open(mpath, newline="", encoding="utf-8-sig")  # noqa: SIM115
     except OSError as exc:
         raise DataError(f"cannot read manifest {mpath}: {exc.strerror or exc}") from None
-    rows: list[tuple[str, str, str | None]] = []
+    rows: list[tuple[str, Any, str | None, int]] = []
     with fh:
         reader = csv.reader(fh)
         try:
@@ -233,22 +297,32 @@ def manifest(path: Any = None, num_classes: Any = None, root: Any = None,
             if header is None:
                 raise DataError(f"manifest {mpath} is empty (expected a 'path,label' header)")
             cols = [h.strip().lower() for h in header]
-            if "path" not in cols or "label" not in cols:
+            if "label" in cols and "labels" in cols:
+                raise DataError(f"manifest {mpath}: the header has both 'label' and 'labels' "
+                                "columns; keep 'label' (one class per image) or 'labels' "
+                                "(classes separated by ';', multi-label)")
+            multi = "labels" in cols
+            if "path" not in cols or not ("label" in cols or multi):
                 raise DataError(f"manifest {mpath}: the header must have 'path' and 'label' "
-                                f"columns (found: {', '.join(cols) or 'nothing'})")
-            ip, il = cols.index("path"), cols.index("label")
+                                f"columns, or 'path' and 'labels' for multi-label (found: "
+                                f"{', '.join(cols) or 'nothing'})")
+            ip, il = cols.index("path"), cols.index("labels" if multi else "label")
             isplit = cols.index("split") if "split" in cols else None
             for row in reader:
                 line = reader.line_num
                 if not any(cell.strip() for cell in row):
                     continue
-                if len(row) <= max(ip, il):
+                if len(row) <= ip or (len(row) <= il and not multi):
                     raise DataError(f"manifest {mpath} line {line}: expected a path and a label")
-                rel, label = row[ip].strip(), row[il].strip()
-                if not rel or not label:
+                rel = row[ip].strip()
+                cell = row[il].strip() if len(row) > il else ""
+                if not rel or (not cell and not multi):
                     raise DataError(f"manifest {mpath} line {line}: empty "
                                     f"{'path' if not rel else 'label'}")
-                part = None
+                label: Any = cell
+                if multi:
+                    label = tuple(sorted({x.strip() for x in cell.split(";") if x.strip()}))
+                part: Any = None
                 if isplit is not None and len(row) > isplit and row[isplit].strip():
                     part = row[isplit].strip().lower()
                     part = "val" if part in VAL_DIR_NAMES else part
@@ -257,27 +331,14 @@ def manifest(path: Any = None, num_classes: Any = None, root: Any = None,
                                         f"or 'val', got {row[isplit].strip()!r}")
                 file = _manifest_file(rel, base, base_real, outside_ok, f"manifest {mpath} "
                                       f"line {line}")
-                rows.append((file, label, part))
+                rows.append((file, label, part, line))
         except csv.Error as exc:
             raise DataError(f"manifest {mpath} line {reader.line_num}: {exc}") from None
         except UnicodeDecodeError:
             raise DataError(f"manifest {mpath} is not UTF-8 text") from None
     if not rows:
         raise DataError(f"manifest {mpath} lists no images")
-    classes = sorted({label for _, label, _ in rows})
-    _check_class_count(num_classes, classes, f"manifest {mpath}")
-    _need_two(classes, f"manifest {mpath}")
-    index = {c: i for i, c in enumerate(classes)}
-    if any(part is not None for _, _, part in rows):
-        if any(part is None for _, _, part in rows):
-            raise DataError(f"manifest {mpath}: some rows have a split and others not")
-        train = [(f, index[lab]) for f, lab, part in rows if part == "train"]
-        val = [(f, index[lab]) for f, lab, part in rows if part == "val"]
-        if not train or not val:
-            raise DataError(f"manifest {mpath}: the split column needs both train and val rows")
-        return FileListSource(classes, train, val, description=str(mpath))
-    return FileListSource(classes, [(f, index[lab]) for f, lab, _ in rows],
-                          description=str(mpath))
+    return multi, rows
 
 
 def _manifest_file(rel: str, base: Path, base_real: str, outside_ok: bool, where: str) -> str:
@@ -383,8 +444,9 @@ def tk_register_datasets(register: Any) -> None:
              description="folder of class sub-folders (optional train/ and val/ parts); "
                          "options: path, val_path")
     register("csv", manifest,
-             description="csv manifest with path,label columns; options: path, root, "
-                         "allow_outside_root")
+             description="csv manifest with path,label (or path,labels: multi-label, "
+                         "';'-separated) columns; options: path, root, allow_outside_root, "
+                         "val_path")
     register("shapes", shapes, default=True,
              description="generated shapes (embedded default); options: num_classes, "
                          "samples, image_size, seed")

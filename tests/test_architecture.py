@@ -6,7 +6,7 @@ type-checking ones alike):
 - ``toolkit`` never imports the built-in ``plugins`` package (the core names no concrete
   component; built-ins load through entry points like any third party);
 - inside ``toolkit`` the layers only import downwards (a layer may use its own modules and
-  any lower layer): errors/env < plugin < model < data, devices, distributed, plots <
+  any lower layer): errors/env < plugin < model < data, devices, distributed, plots, metrics <
   train, predict < cli, testing;
 - no cycle between packages or sub-packages.
 """
@@ -21,15 +21,18 @@ PACKAGES = ("toolkit", "model_store", "plugins")
 
 # unit -> layer; a module belongs to the longest unit its dotted name starts with
 LAYERS = {
-    "toolkit": 0,  # the package face (version, load_model) and the ground floor
+    "toolkit": 0,  # the package face (load_model); nothing inside imports it
+    "toolkit.version": 0,
     "toolkit.errors": 0,
     "toolkit.env": 0,
+    "toolkit.progress": 0,
     "toolkit.plugin": 1,
     "toolkit.model": 2,
     "toolkit.data": 3,
     "toolkit.devices": 3,
     "toolkit.distributed": 3,
     "toolkit.plots": 3,
+    "toolkit.metrics": 3,
     "toolkit.train": 4,
     "toolkit.predict": 4,
     "toolkit.cli": 5,
@@ -126,6 +129,16 @@ def test_model_store_imports_only_toolkit_errors() -> None:
 def test_toolkit_never_imports_the_builtin_plugins() -> None:
     bad = [f"{f}:{line}: imports {dst}" for f, line, src, dst in _edges()
            if src.startswith("toolkit") and dst == "plugins"]
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_inside_imports_the_package_face() -> None:
+    """``toolkit/__init__.py`` reaches up to the model layer (``load_model``): a module that
+    imports it (``from toolkit import __version__``) would point back up. The version lives
+    in ``toolkit.version``."""
+    bad = [f"{f}:{line}: imports the package face 'toolkit'" for f, line, src, dst in _edges()
+           if dst == "toolkit" and src.startswith("toolkit.")
+           and LAYERS.get(src, 0) < LAYERS["toolkit.cli"]]
     assert not bad, "\n".join(bad)
 
 

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tk-plugin-textures"
 HOOKS = sorted(name for name, f in vars(hookspecs).items() if hasattr(f, "tk_spec"))
 COMPONENTS = {"backbones": ["texture-cnn"], "heads": ["cosine"], "losses": ["poly1"],
-              "optimizers": ["lion"], "datasets": ["json-manifest", "textures"]}
+              "optimizers": ["lion"], "datasets": ["json-manifest", "textures"],
+              "loggers": ["journal"]}
 IGNORE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
 
 
@@ -204,7 +205,7 @@ def test_tk_finetune_trains_with_all_its_components_together(venv: Venv, tmp_pat
         "--loss", "poly1", "--optimizer", "textures:lion", "--classes", "4", "--epochs", "2",
         "--batch-size", "16", "--opt", "dataset.per_class=12",
         "--opt", "loss.epsilon=0.5", "--device", "cpu", "--workers", "0",
-        "--store", str(store), "--name", "textured",
+        "--store", str(store), "--name", "textured", "--log", "journal",
         home=tmp_path, env={"TK_TEXTURES_JOURNAL": str(journal)})
     assert proc.returncode == 0, proc.stderr
     shown = venv.run("store", "show", "textured", "--json", "--store", str(store),
@@ -230,11 +231,18 @@ def test_tk_finetune_trains_with_all_its_components_together(venv: Venv, tmp_pat
 
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     assert [e["event"] for e in events] == ["train_start", "epoch_end", "epoch_end",
-                                           "model_saved"]
+                                           "model_saved", "train_end"]
     assert events[0]["config"]["options"]["loss"] == {"epsilon": 0.5}
     assert [e["epoch"] for e in events[1:3]] == [1, 2]
     assert {"train_loss", "val_loss", "val_acc"} <= set(events[2]["metrics"])
     assert events[3]["name"] == "textured"
+    assert events[3]["artifacts"] == ["confusion", "curves"]
+    assert events[4] == {**events[4], "name": "textured", "status": "finished"}
+    # --log journal: the plugin's logger wrote the same events into the run's log folder
+    logged = store / "runs" / "textured" / "logs" / "journal.jsonl"
+    lines = [json.loads(line) for line in logged.read_text().splitlines()]
+    assert [line["event"] for line in lines] == [e["event"] for e in events]
+    assert lines[-1] == {"event": "train_end", "run": "textured", "status": "finished"}
     assert Path(events[3]["path"]).resolve() == (store / "models" / "textured.safetensors"
                                                  ).resolve()
 

@@ -488,7 +488,9 @@ def call_hook_like_the_core(plugins: Any, hook: str) -> Any:
     lifecycle = {
         "tk_train_start": {"config": {"backbone": "x", "epochs": 1}},
         "tk_epoch_end": {"epoch": 1, "metrics": {"val_acc": 0.5}},
-        "tk_model_saved": {"name": "m", "path": "/tmp/m.safetensors", "metadata": {}},
+        "tk_model_saved": {"name": "m", "path": "/tmp/m.safetensors", "metadata": {},
+                           "artifacts": {"curves": "/tmp/curves.png"}},
+        "tk_train_end": {"name": "m", "status": "finished"},
     }
     if hook in lifecycle:
         plugins.notify(hook, **lifecycle[hook])

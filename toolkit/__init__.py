@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from toolkit.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def load_model(name: str, store: Any = None, **kwargs: Any) -> Any:

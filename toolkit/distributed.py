@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +104,12 @@ class EpochSampler(torch.utils.data.Sampler[Any]):
     number of batches; ``pad=False`` (evaluation) gives each index to exactly one rank."""
 
     def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                 pad: bool = True, with_epoch: bool = False):
+                 pad: bool = True, with_epoch: bool = False,
+                 weights: Sequence[float] | None = None):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        # per-index weights: the epoch's n indices are drawn with replacement by a
+        # WeightedRandomSampler seeded like the permutation (class-balanced sampling)
+        self.weights = None if weights is None else list(weights)
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.with_epoch = with_epoch  # yield (index, epoch) for per-sample seeding
         self.epoch = 0
@@ -114,7 +118,11 @@ class EpochSampler(torch.utils.data.Sampler[Any]):
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.weights is not None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = list(torch.utils.data.WeightedRandomSampler(
+                self.weights, self.n, replacement=True, generator=g))
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:

@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
-from toolkit import __version__, env
+from toolkit import env
 from toolkit.errors import TkError, format_error
+from toolkit.version import __version__
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

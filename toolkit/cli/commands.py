@@ -6,4 +6,5 @@ from toolkit.cli import (
     infer,  # noqa: F401
     listing,  # noqa: F401
     store,  # noqa: F401
+    tune,  # noqa: F401
 )

@@ -58,10 +58,33 @@ def _freeze_value(value: str) -> str:
 @click.option("--augment/--no-augment", default=None, help="Train-time augmentation [on].")
 @click.option("--cache-features/--no-cache-features", default=None,
               help="Cache frozen-backbone features [auto: --freeze all and --no-augment].")
+@click.option("--multi-label", is_flag=True, default=None,
+              help="The dataset plugin's targets are multi-hot (a csv with a 'labels' column "
+                   "is multi-label by itself).")
+@click.option("--threshold", type=float,
+              help="Multi-label: one decision threshold for all classes [chosen per class "
+                   "on the validation split to maximise F1].")
+@click.option("--class-weights", type=click.Choice(["auto", "effective"]),
+              help="Weigh the loss by class: auto = inverse frequency (multi-label: "
+                   "pos_weight), effective = effective number of samples.")
+@click.option("--sampler", type=click.Choice(["balanced"]),
+              help="balanced: draw training images with class-balanced weights (seeded).")
+@click.option("--accumulate", type=int,
+              help="Micro-batches per optimizer step (gradient accumulation) [1].")
+@click.option("--ema", type=float, metavar="DECAY",
+              help="Keep an exponential moving average of the weights (e.g. 0.999); "
+                   "validated each epoch, saved when better.")
+@click.option("--mixup", type=float, metavar="ALPHA", help="MixUp with this alpha [off].")
+@click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix with this alpha [off].")
 @click.option("--name", help="Model name in the store [backbone-dataset-time].")
 @click.option("--store", type=click.Path(), help="Model store directory [$TK_HOME].")
 @click.option("--config", "config_file", type=click.Path(),
               help="TOML file of these options (the command line wins).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Log the run: tensorboard, mlflow, csv (tk list loggers); repeatable.")
+@click.option("--log-dir", type=click.Path(),
+              help="Loggers write under DIR/NAME [$TK_HOME/runs/NAME/logs; mlflow: "
+                   "$MLFLOW_TRACKING_URI, else ./mlruns].")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a model of that name.")
 @click.option("--opt", "opts", multiple=True, metavar="COMPONENT.KEY=VALUE",
@@ -74,6 +97,7 @@ def finetune_command(config_file: str | None, opts: tuple[str, ...], as_json: bo
     from toolkit.train.config import finetune_args
     from toolkit.train.finetune import finetune
 
+    given["log"] = list(given["log"]) or None  # not given: the config file's, if any
     args = finetune_args(given, opts=opts, config=config_file)
     result = finetune(args, get_state().plugins)
     if result is not None and as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,13 @@ from toolkit.predict.writers import FORMATS as _FORMATS
 _PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 
-def _runtime_options(func: Any) -> Any:
-    """Options shared by `tk infer` and `tk eval`."""
+def _runtime_options(func: Any, *, exported: bool = False) -> Any:
+    """Options shared by `tk infer` and `tk eval` (``exported``: --model also takes an
+    exported .onnx file)."""
+    model_help = "Stored model [the newest one, named on stderr]."
+    if exported:
+        model_help = ("Stored model name, or an exported FILE.onnx (`tk export`; runs on ONNX "
+                      "Runtime) [the newest stored model, named on stderr].")
     options = [
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Images per forward pass."),
@@ -37,10 +43,13 @@ def _runtime_options(func: Any) -> Any:
                      "transform; draft: reduced-size decoding of large "
                      "JPEGs (faster, pixels differ slightly); torchvision: JPEGs decoded on "
                      "the model's device (nvJPEG on CUDA)."),
+        click.option("--tta", is_flag=True,
+                     help="Test-time augmentation: average the probabilities of each image "
+                     "and its mirror image (twice the model time)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
         store_option,
-        click.option("--model", metavar="NAME",
-                     help="Stored model [the newest one, named on stderr]."),
+        click.option("--model", metavar="NAME|FILE.onnx" if exported else "NAME",
+                     help=model_help),
     ]
     for option in reversed(options):
         func = option(func)
@@ -49,7 +58,7 @@ def _runtime_options(func: Any) -> Any:
 
 @cli.command("infer")
 @click.argument("inputs", nargs=-1, metavar="PATH...")
-@_runtime_options
+@partial(_runtime_options, exported=True)
 @click.option("--topk", type=click.IntRange(min=1), default=1, show_default=True,
               help="Classes per row (capped at the model's class count).")
 @click.option("--format", "fmt", type=click.Choice(_FORMATS),
@@ -61,17 +70,24 @@ def _runtime_options(func: Any) -> Any:
 @click.option("--csv-raw", is_flag=True,
               help="csv: write cells as they are (by default a cell starting with = + - @ "
               "tab or CR gets a leading ' so spreadsheets do not run it as a formula).")
+@click.option("--runtime", type=click.Choice(("auto", "torch", "onnx")), default="auto",
+              show_default=True,
+              help="auto: ONNX Runtime for an exported file (--model FILE.onnx, no torch "
+              "import), torch for a stored model. onnx needs the file: `tk export NAME`.")
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
-                  resume: bool, csv_raw: bool, device: str, precision: str,
-                  channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+                  resume: bool, csv_raw: bool, runtime: str, device: str, precision: str,
+                  channels_last: bool | None, workers: int | None, decode: str, quiet: bool,
+                  tta: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
     \b
     Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff
     files (any case; hidden files skipped), in sorted order; files named explicitly are
     always read. One row per file: data on stdout (or -o), progress and summary on stderr.
-    jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"}.
+    jsonl rows: {"path", "label", "score", "topk": [{"label", "score"}], "error"};
+    a multi-label model's rows add "labels" and "label_scores" (the classes whose score
+    reaches their threshold; csv: ';'-joined columns).
     A file that cannot be read gets a row with "error" set; the run goes on.
     Paths are valid UTF-8: a byte of a file name that is not UTF-8 is written \\xNN and
     a backslash is doubled. -o may not be an input file or a file of the model store.
@@ -84,6 +100,12 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
     that cannot be written); 141 the reader of stdout went away (`| head`).
     Under torchrun a completed run exits 0 (torchrun treats any other status as a
     crash): count the rows with an error instead.
+
+    \b
+    --model FILE.onnx runs a file written by `tk export` on ONNX Runtime (CPU, or CUDA
+    when onnxruntime has it) without importing torch: same rows, formats, -o, --resume
+    and exit codes; its class names and preprocessing come from the file. --precision
+    and --channels-last do not apply to it (int8 is chosen at export: --int8).
     """
     from toolkit.predict.infer import InferArgs, run_infer
 
@@ -92,9 +114,10 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
                      topk=topk, format=fmt, output=str(output) if output else None,
                      resume=resume, device=device, precision=precision,
                      channels_last=channels_last, workers=workers, decode=decode, quiet=quiet,
-                     csv_raw=csv_raw)
-    try:
-        summary = run_infer(args, get_state().plugins)
+                     csv_raw=csv_raw, runtime=runtime, tta=tta)
+    state = get_state()
+    try:  # plugins are loaded only for a stored model (an exported file needs none)
+        summary = run_infer(args, lambda: state.plugins)
     except BrokenPipeError:  # `tk infer ... | head`: the quiet exit of other Unix tools
         raise click.exceptions.Exit(141) from None
     if summary.exit_code:
@@ -104,13 +127,15 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
 @cli.command("eval")
 @_runtime_options
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Image folder with one sub-folder per class (named like the model's).")
+              help="Image folder with one sub-folder per class (named like the model's); "
+                   "for a multi-label model a .csv manifest with a 'labels' column.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the confusion matrix into this PNG file.")
 def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json: bool,
                  png: Path | None, batch_size: int, device: str, precision: str,
-                 channels_last: bool, workers: int | None, decode: str, quiet: bool) -> None:
+                 channels_last: bool | None, workers: int | None, decode: str, quiet: bool,
+                 tta: bool) -> None:
     """Accuracy, per-class precision / recall / F1 and confusion matrix of a stored model
     on a labelled image folder.
 
@@ -124,7 +149,7 @@ def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json:
     args = EvalArgs(data=str(data), model=model, store=str(store_dir) if store_dir else None,
                     png=str(png) if png else None, batch_size=batch_size, device=device,
                     precision=precision, channels_last=channels_last, workers=workers,
-                    decode=decode, quiet=quiet)
+                    decode=decode, quiet=quiet, tta=tta)
     report = run_eval(args, get_state().plugins,
                       log=lambda message: click.echo(f"tk: {message}", err=True))
     if as_json:

@@ -1,7 +1,7 @@
 """Files -> batches of ``uint8`` crops, decoded in worker processes, for any runtime.
 
 This is the data side of `tk infer` and `tk eval`, shared by every inference runtime
-(torch now, ONNX Runtime later), and it imports neither torch nor torchvision:
+(torch and ONNX Runtime), and it imports neither torch nor torchvision:
 
 - :class:`Preparer` turns one file into a crop: :func:`toolkit.data.decode.load_image` (the
   one decoding path of training too) and the host half of the eval transform

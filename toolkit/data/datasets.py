@@ -5,7 +5,9 @@ generate images and wrap them in the classes below.
 
 - :class:`DatasetSource` — what a dataset factory returns (classes, ``splits``).
 - :class:`ImageListDataset` — ``(path, label)`` samples decoded by
-  :func:`toolkit.data.decode.load_image`; :class:`IndexedDataset` — generated samples.
+  :func:`toolkit.data.decode.load_image`; :class:`MultiLabelListDataset` — the same with
+  ``(path, (label, ...))`` samples and multi-hot targets; :class:`IndexedDataset` —
+  generated samples.
 
 Training data must be clean: an image that cannot be decoded stops training with a
 :class:`TrainingImageError` naming the file (rather than silently training on less data).
@@ -32,7 +34,8 @@ class DatasetSource(Protocol):
     ``classes``: class names, index = label. ``splits`` returns ``(train, val)`` datasets
     of ``(image_tensor, label)`` with ``train_transform`` applied to the training part and
     ``eval_transform`` to the validation part. Sources backed by files may also expose
-    ``samples``: a list of ``(path, label)``.
+    ``samples``: a list of ``(path, label)``. A multi-label source says
+    ``task = "multi-label"``; its datasets give multi-hot float targets ``[C]``.
     """
 
     classes: list[str]
@@ -107,3 +110,28 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img, label = self.make(self.indices[index])
         return (self.transform(img) if self.transform is not None else img), int(label)
+
+
+class MultiLabelListDataset(ImageListDataset):
+    """``(image_tensor, multi-hot float32 [num_classes])`` for ``(path, (label, ...))``
+    samples (an image may have no label at all)."""
+
+    def __init__(self, samples: Sequence[tuple[str, Sequence[int]]], num_classes: int,
+                 transform: Transform | None = None):
+        self.samples = [(str(p), tuple(int(x) for x in labels))  # type: ignore[misc]
+                        for p, labels in samples]
+        self.transform = transform
+        self.num_classes = int(num_classes)
+
+    @property
+    def targets(self) -> list[tuple[int, ...]]:  # type: ignore[override]
+        return [labels for _, labels in self.samples]  # type: ignore[misc]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        import torch
+
+        image, labels = super().__getitem__(index)
+        target = torch.zeros(self.num_classes, dtype=torch.float32)
+        if labels:
+            target[list(labels)] = 1.0
+        return image, target

@@ -51,3 +51,23 @@ def stratified_split(
         val.extend(order[:n_val])
         train.extend(order[n_val:])
     return sorted(train), sorted(val)
+
+
+def random_split(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``(train, val)`` of a seeded random split of ``n`` samples (multi-label data,
+    which has no single class to stratify by): ``round(n * val_split)`` go to validation,
+    at least one and at most ``n - 1``. Both lists come back sorted."""
+    try:
+        frac = float(val_split)
+    except (TypeError, ValueError):
+        raise DataError(f"--val-split must be a number between 0 and 1, got {val_split!r}") \
+            from None
+    if not 0.0 < frac < 1.0 or math.isnan(frac):
+        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    if n < 2:
+        raise DataError(f"{n} image(s): at least 2 are needed for a training and a "
+                        "validation part")
+    order = list(range(n))
+    random.Random(f"tk-split:{seed}").shuffle(order)
+    k = min(n - 1, max(1, round(n * frac)))
+    return sorted(order[k:]), sorted(order[:k])

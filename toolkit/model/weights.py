@@ -260,7 +260,7 @@ def import_weights(store: Any, backbone: str, file: str | os.PathLike[str]) -> P
     ``.pth``/``.pt``/``.bin``/``.ckpt`` through ``torch.load(weights_only=True)``, common
     wrappers unwrapped) and keep its tensors in ``store`` for the backbone ``plugin:name``,
     with the source file's name, path and sha256. Returns the stored file's path."""
-    from toolkit import __version__
+    from toolkit.version import __version__
 
     store.weights_path(backbone)  # a name that is not plugin:name fails first
     source = Path(file).expanduser()

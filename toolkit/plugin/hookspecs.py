@@ -38,8 +38,10 @@ class Register(Protocol):
 
 class EpochMetrics(TypedDict, total=False):
     """What ``tk_epoch_end`` receives as ``metrics`` (``val_top5`` only with more than five
-    classes; every other key always). Later versions of tk may add keys: ignore unknown
-    ones."""
+    classes, ``val_map`` and the F1s only for multi-label data, ``ema`` only with ``--ema``,
+    which also adds ``raw_val_loss``, ``ema_val_loss`` and ``raw_`` / ``ema_`` copies of
+    the monitored metric; every other key always). Later versions of tk may add keys:
+    ignore unknown ones."""
 
     epoch: int  # the epoch just finished, from 1
     train_loss: float  # mean training loss over the epoch's samples
@@ -51,6 +53,10 @@ class EpochMetrics(TypedDict, total=False):
     val_top5: float  # validation top-5 accuracy, 0..1 (more than five classes only)
     val_samples: int  # validation images counted
     epoch_time: float  # seconds the epoch took, training and validation
+    val_map: float  # multi-label: mean average precision over the classes, 0..1
+    val_f1_micro: float  # multi-label: micro F1 at threshold 0.5
+    val_f1_macro: float  # multi-label: macro F1 at threshold 0.5
+    ema: float  # --ema: 1.0 when the val metrics are the EMA weights', 0.0 the raw ones'
 
 
 @hookspec
@@ -111,6 +117,23 @@ def tk_register_datasets(register: Register) -> None:
     """
 
 
+@hookspec
+def tk_register_loggers(register: Register) -> None:
+    """Register experiment loggers (what ``tk finetune --log NAME`` selects).
+
+    :param register: call ``register(name, factory, **info)``; the factory is
+        ``factory(log_dir, run_name) -> object`` and is called once per run that
+        selects it, before the first epoch (rank 0 only). ``log_dir`` is the run's own log
+        folder (``--log-dir DIR``/NAME, else ``$TK_HOME/runs/NAME/logs``; the logger
+        creates it), ``run_name`` the model's name; tk passes ``log_root`` (``--log-dir`` as
+        given, absolute, or None) only when the signature names it. The object's methods
+        marked with ``@hookimpl`` (``tk_train_start``, ``tk_epoch_end``,
+        ``tk_model_saved``, ``tk_train_end``) observe that run only. Raise a
+        :class:`toolkit.errors.TkError` naming the extra to install when a library is
+        missing.
+    """
+
+
 @hookspec(firstresult=True)
 def tk_dataset_for_path(path: str) -> str | None:
     """Say which registered dataset reads ``--data PATH`` (first answer wins; third-party
@@ -152,11 +175,27 @@ def tk_epoch_end(epoch: int, metrics: EpochMetrics) -> None:
 
 
 @hookspec
-def tk_model_saved(name: str, path: str, metadata: dict[str, Any]) -> None:
-    """Observer: called after a model was written to the store.
+def tk_model_saved(name: str, path: str, metadata: dict[str, Any],
+                   artifacts: dict[str, str]) -> None:
+    """Observer: called after a model was written to the store (rank 0 only).
 
     :param name: the model's name in the store.
     :param path: its safetensors file.
     :param metadata: what ``tk store show NAME --json`` prints (spec, classes, data
         config, training, metrics, weights, components...).
+    :param artifacts: the files drawn for it, by kind: ``{"curves": PNG path,
+        "confusion": PNG path}`` (a kind is missing when its plot could not be drawn).
+    """
+
+
+@hookspec
+def tk_train_end(name: str, status: str) -> None:
+    """Observer: called once when a run that called ``tk_train_start`` ends, however it
+    ends (rank 0 only): after ``tk_model_saved`` when it finished. Close files here.
+
+    :param name: the run's model name (the model exists only when ``status`` is
+        ``"finished"``).
+    :param status: ``"finished"``, ``"failed"`` (an error), ``"interrupted"`` (Ctrl-C)
+        or ``"stopped"`` (the caller's epoch callback ended it, e.g. a pruned trial of
+        ``tk tune``).
     """

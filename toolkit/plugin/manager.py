@@ -39,6 +39,9 @@ from toolkit.plugin.registry import KINDS, Registry
 from toolkit.plugin.validate import inspect_plugin
 
 BUILTIN_DISTRIBUTION = "tk-microtoolkit"
+# the hooks that only observe (called through Plugins.notify); objects attached for one run
+# (loggers) may implement these and nothing else
+OBSERVER_HOOKS = ("tk_train_start", "tk_epoch_end", "tk_model_saved", "tk_train_end")
 ENTRY_POINT_GROUP = "tk"
 
 
@@ -85,6 +88,9 @@ class Plugins:
         self.import_timeout = import_timeout
         self.records: dict[str, PluginRecord] = {}
         self._registries: dict[str, Registry] = {}
+        self._reported: set[str] = set()  # plugins whose observer failure was reported
+        self._muted: set[str] = set()  # attached observers switched off after a failure
+        self._attached: set[str] = set()  # observers attached for one run (loggers)
 
     # -- loading -----------------------------------------------------------------------
     def _fail(self, record: PluginRecord, what: str, exc: BaseException) -> None:
@@ -232,19 +238,75 @@ class Plugins:
         if cli is not None:
             self.add_commands(type(cli)(cli.name, commands=dict(cli.commands)))
 
+    # -- observers attached for one run (loggers) ---------------------------------------
+    def attach(self, obj: Any, name: str, owner: str) -> PluginRecord:
+        """Register ``obj``, an object whose ``@hookimpl`` methods observe one run (a
+        logger built by plugin ``owner``'s factory), under ``name`` until :meth:`detach`.
+        Its failures are blamed on ``owner``'s module and distribution; an attached
+        observer that raises is reported once and not called again (:meth:`notify`)."""
+        base = self.records.get(owner)
+        record = PluginRecord(name=name, module=base.module if base else type(obj).__module__,
+                              source=base.source if base else "--log",
+                              distribution=base.distribution if base else None,
+                              version=base.version if base else None,
+                              builtin=bool(base and base.builtin))
+        if name in self.records or self.pm.get_plugin(name) is not None:
+            raise PluginError(f"an observer named '{name}' is attached already")
+        found = inspect_plugin(obj, self.pm)
+        for attr in list(found.fitting):
+            hook = (self.pm.parse_hookimpl_opts(obj, attr) or {}).get("specname") or attr
+            if hook not in OBSERVER_HOOKS:
+                del found.fitting[attr]
+                found.problems.append(f"{hook} is not an observer hook (an object attached "
+                                      f"for a run observes only: {', '.join(OBSERVER_HOOKS)})")
+        for problem in found.problems:
+            if self.strict:
+                raise PluginError(f"{name}: {problem} (TK_STRICT_PLUGINS=1)")
+            print(f"tk: warning: {name} ({record.origin}): {problem}", file=sys.stderr)
+        self.pm.register(types.SimpleNamespace(**found.fitting), name=name)
+        record.obj = obj
+        record.hooks = sorted(h.name for h in self.pm.get_hookcallers(
+            self.pm.get_plugin(name)) or [])
+        self.records[name] = record
+        self._attached.add(name)
+        return record
+
+    def detach(self, name: str) -> None:
+        """Unregister an observer :meth:`attach` registered (nothing if it is not there)."""
+        if name not in self._attached:
+            return
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        self.records.pop(name, None)
+        self._muted.discard(name)
+        self._reported.discard(name)
+        self._attached.discard(name)
+
     # -- calling plugin code -----------------------------------------------------------
     def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook; an observer that raises is reported in one line naming
-        the plugin, never fatal (unless strict: then it is a PluginBugError)."""
+        the plugin, never fatal (unless strict: then it is a PluginBugError). Each plugin's
+        failures are reported once per process; an observer attached for a run (a
+        logger) is switched off for the rest of that run after its first failure, since
+        a closed file or an unreachable server would fail, or stall, every later call."""
         for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            if impl.plugin_name in self._muted:
+                continue
             try:
                 impl.function(**_kwargs_for(impl, **kwargs))
             except Exception as exc:
                 record = self.records[impl.plugin_name]
                 if self.strict:
                     raise PluginBugError(record.name, record.origin, exc, hook) from exc
-                print(f"tk: warning: plugin '{record.name}' ({record.origin}) failed in "
-                      f"{hook}: {_describe(exc)}", file=sys.stderr)
+                if record.name in self._attached:
+                    self._muted.add(record.name)
+                    print(f"tk: warning: logger '{record.name}' ({record.origin}) failed in "
+                          f"{hook}: {_describe(exc)}; it is off for the rest of this run "
+                          "(training goes on)", file=sys.stderr)
+                elif record.name not in self._reported:
+                    self._reported.add(record.name)
+                    print(f"tk: warning: plugin '{record.name}' ({record.origin}) failed in "
+                          f"{hook}: {_describe(exc)}", file=sys.stderr)
 
     def dataset_for_path(self, path: str) -> str | None:
         """The dataset a plugin claims for ``--data PATH`` (``tk_dataset_for_path``, first

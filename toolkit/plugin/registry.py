@@ -12,7 +12,7 @@ from typing import Any
 
 from toolkit.errors import AmbiguousNameError, TkError, UnknownNameError
 
-KINDS = ("backbones", "heads", "losses", "optimizers", "datasets")
+KINDS = ("backbones", "heads", "losses", "optimizers", "datasets", "loggers")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class Component:
     @property
     def fallback(self) -> bool:
         return bool(self.info.get("fallback"))
+
+    @property
+    def task(self) -> str:
+        """The task a component is for (``task=`` info when registered): ``single-label``
+        unless it says ``multi-label`` (losses)."""
+        return str(self.info.get("task") or "single-label")
 
     @property
     def default_lr(self) -> float | None:
@@ -177,12 +183,14 @@ class Registry:
                     out.append(c)
         return out
 
-    def default(self) -> Component:
+    def default(self, task: str = "single-label") -> Component:
         """The component a plugin registered with ``default=True`` (what tk uses when the
         user names none: ``--head``, ``--loss``, ``--optimizer``, the dataset without
         ``--data``). An error naming the kind when no loaded plugin offers one (e.g. the
-        built-in plugin was disabled) or when several do."""
-        found = [c for cs in self._by_name.values() for c in cs if c.info.get("default")]
+        built-in plugin was disabled) or when several do. ``task``: among the components
+        registered for that task (``task="multi-label"`` info; none: single-label)."""
+        found = [c for cs in self._by_name.values() for c in cs if c.info.get("default")
+                 and c.task == task]
         if not found:
             raise UnknownNameError(
                 f"no default {self.singular}: no loaded plugin registers one (is the built-in "

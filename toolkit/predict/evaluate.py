@@ -1,5 +1,7 @@
 """`tk eval`: accuracy, per-class precision / recall / F1 and the confusion matrix of a
-stored model on a labelled image folder.
+stored model on a labelled image folder; for a multi-label model, mAP, micro / macro F1 and
+per-class AP / precision / recall / F1 at the model's thresholds on a labelled manifest
+(``--data FILE.csv`` with a ``labels`` column, read by the dataset plugin that claims it).
 
 The folder holds one sub-folder per class, named like the model's classes (a sub-folder
 the model does not know is an error naming it; a model class without a folder just has no
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.data.listing import PathList, Walker, Warn, class_folders, warn_stderr
-from toolkit.errors import DataError
+from toolkit.errors import DataError, TkError
 
 if TYPE_CHECKING:
     from toolkit.model.loading import LoadedModel
@@ -106,10 +108,132 @@ def metrics(confusion: list[list[int]], classes: list[str]
             sum(m.f1 for m in used) / k)
 
 
+@dataclass
+class LabelMetrics:
+    name: str
+    ap: float | None  # None: no positive image of the class
+    precision: float
+    recall: float
+    f1: float
+    support: int  # images with the label
+    threshold: float
+
+
+@dataclass
+class MultiLabelReport:
+    model: str
+    data: str
+    classes: list[str]
+    total: int
+    map: float  # macro average precision over the classes with positives
+    f1_micro: float
+    f1_macro: float
+    exact_match: float  # images whose every label decision is right
+    per_class: list[LabelMetrics]
+    task: str = "multi-label"
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def manifest_files(data: str | os.PathLike[str], classes: list[str], plugins: Any
+                   ) -> tuple[PathList, list[tuple[int, ...]]]:
+    """The images of a multi-label manifest and their label indices in ``classes``, read by
+    the dataset plugin that claims the file (built-in: ``csv``), every part of it."""
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such file")
+    name = plugins.dataset_for_path(str(path))
+    if name is None:
+        raise DataError(f"--data {path}: no loaded plugin reads this file")
+    source = plugins.registry("datasets").resolve(name).factory(path=str(path))
+    if getattr(source, "task", None) != "multi-label":
+        raise DataError(f"--data {path}: the model is multi-label but this manifest has one "
+                        "label per image (give a manifest with a 'labels' column)")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in source.classes if c not in index]
+    if unknown:
+        raise DataError(f"--data {path}: label(s) {', '.join(unknown[:12])} are not classes "
+                        f"of the model (its classes: {', '.join(classes)})")
+    paths, labels = PathList(), []
+    for file, targets in [*source.samples, *(getattr(source, "val_samples", None) or [])]:
+        paths.append(str(file))
+        labels.append(tuple(index[source.classes[t]] for t in targets))
+    return paths, labels
+
+
+def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugins: Any, *,
+                        batch_size: int = 32, device: Any = "auto", precision: str = "32",
+                        channels_last: bool | None = None, workers: int | None = None,
+                        decode: str = "auto", warn: Warn = warn_stderr,
+                        progress: bool = False, tta: bool = False) -> MultiLabelReport:
+    """Evaluate multi-label ``loaded`` on the manifest ``data`` (scores from the same runner
+    as `tk infer`, metrics from :mod:`toolkit.metrics`)."""
+    import numpy as np
+
+    from toolkit.metrics import scores
+    from toolkit.predict.runner import Predictor
+    from toolkit.progress import Progress
+
+    classes = list(loaded.classes)
+    paths, labels = manifest_files(data, classes, plugins)
+    c = len(classes)
+    predictor = Predictor(loaded, batch_size=batch_size, topk=c, device=device,
+                          precision=precision, channels_last=channels_last, workers=workers,
+                          decode=decode, warn=warn, tta=tta)
+    assert predictor.thresholds is not None
+    index = {name: i for i, name in enumerate(classes)}
+    probs, truth, failed = [], [], []
+    bar = Progress(len(paths), "eval", enabled=progress)
+    rows = predictor.predict_paths(paths)
+    try:
+        for row in rows:
+            bar.update(1)
+            if row.error is not None:
+                failed.append({"path": str(row.path), "error": row.error})
+                continue
+            p = np.zeros(c, dtype=np.float64)
+            for lab, score in row.topk:
+                p[index[lab]] = score
+            t = np.zeros(c, dtype=np.int64)
+            t[list(labels[row.index])] = 1
+            probs.append(p)
+            truth.append(t)
+    finally:
+        bar.close()
+        rows.close()
+    if not probs:
+        raise DataError(f"--data {data}: no image could be read")
+    s = scores(np.stack(probs), np.stack(truth), predictor.thresholds)
+    per = [LabelMetrics(classes[k], s.ap[k], s.precision[k], s.recall[k], s.f1[k],
+                        s.support[k], predictor.thresholds[k]) for k in range(c)]
+    return MultiLabelReport(model=loaded.name, data=str(data), classes=classes,
+                            total=len(probs), map=s.map, f1_micro=s.f1_micro,
+                            f1_macro=s.f1_macro, exact_match=s.exact_match, per_class=per,
+                            failed=failed)
+
+
+def format_multilabel(report: MultiLabelReport) -> str:
+    lines = [f"model: {report.model} (multi-label)   data: {report.data}",
+             f"images: {report.total}" + (f" ({len(report.failed)} unreadable, left out)"
+                                          if report.failed else ""),
+             f"mAP: {report.map:.4f}   F1 micro: {report.f1_micro:.4f}   F1 macro: "
+             f"{report.f1_macro:.4f}   exact match: {report.exact_match:.4f}", ""]
+    w = max([9, *(len(c) for c in report.classes)])
+    lines.append(f"{'class':<{w}}  {'AP':>6}  {'precision':>9}  {'recall':>6}  {'f1':>6}  "
+                 f"{'support':>7}  {'threshold':>9}")
+    for m in report.per_class:
+        ap = f"{m.ap:6.4f}" if m.ap is not None else f"{'-':>6}"
+        lines.append(f"{m.name:<{w}}  {ap}  {m.precision:9.4f}  {m.recall:6.4f}  {m.f1:6.4f}  "
+                     f"{m.support:7d}  {m.threshold:9.4f}")
+    return "\n".join(lines)
+
+
 def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: int = 32,
              device: Any = "auto", precision: str = "32", channels_last: bool | None = None,
              workers: int | None = None, decode: str = "auto", warn: Warn = warn_stderr,
-             progress: bool = False) -> EvalReport:
+             progress: bool = False, tta: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
     from toolkit.predict.writers import escape_control, escape_path
@@ -119,7 +243,7 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
     paths, labels = labelled_files(data, classes, warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=1, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, tta=tta)
     index = {c: i for i, c in enumerate(classes)}
     n = len(classes)
     confusion = [[0] * n for _ in range(n)]
@@ -169,9 +293,10 @@ class EvalArgs:
     workers: int | None = None
     decode: str = "auto"
     quiet: bool = False
+    tta: bool = False
 
 
-def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport:
+def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport | MultiLabelReport:
     """`tk eval`: pick the model (the newest by default, said through ``log``), evaluate it
     on ``args.data``, draw the confusion matrix into ``args.png`` when asked."""
     from model_store import ModelStore
@@ -187,9 +312,18 @@ def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport:
     store = ModelStore(args.store)
     name = choose_model(store, args.model, say)
     loaded = load_model(name, store, plugins=plugins, device="cpu")
+    if loaded.meta.get("task") == "multi-label":
+        if args.png is not None:
+            raise TkError("--png draws a confusion matrix: not for a multi-label model")
+        return evaluate_multilabel(loaded, args.data, plugins, batch_size=args.batch_size,
+                                   device=args.device, precision=args.precision,
+                                   channels_last=args.channels_last, workers=args.workers,
+                                   decode=args.decode, progress=not args.quiet,
+                                   tta=args.tta)
     report = evaluate(loaded, args.data, batch_size=args.batch_size, device=args.device,
                       precision=args.precision, channels_last=args.channels_last,
-                      workers=args.workers, decode=args.decode, progress=not args.quiet)
+                      workers=args.workers, decode=args.decode, progress=not args.quiet,
+                      tta=args.tta)
     if args.png is not None:
         from toolkit.plots import confusion_matrix
 
@@ -200,8 +334,11 @@ def run_eval(args: EvalArgs, plugins: Any, log: Any = None) -> EvalReport:
     return report
 
 
-def format_report(report: EvalReport) -> str:
-    """The text `tk eval` prints: accuracy, the per-class table, the confusion matrix."""
+def format_report(report: EvalReport | MultiLabelReport) -> str:
+    """The text `tk eval` prints: accuracy, the per-class table, the confusion matrix (for
+    a multi-label model: mAP, F1 and the per-class table)."""
+    if isinstance(report, MultiLabelReport):
+        return format_multilabel(report)
     lines = [f"model: {report.model}   data: {report.data}",
              f"images: {report.total}" + (f" ({len(report.failed)} unreadable, left out)"
                                           if report.failed else ""),

@@ -59,6 +59,8 @@ class InferArgs:
     decode: str = "auto"
     quiet: bool = False
     csv_raw: bool = False
+    runtime: str = "auto"  # auto: onnx for an exported file, torch for a stored model
+    tta: bool = False  # mean of the probabilities of the image and its mirror image
 
 
 @dataclass
@@ -88,14 +90,9 @@ def _logger(enabled: bool) -> Callable[[str], None]:
 
 def choose_model(store: Any, name: str | None, log: Callable[[str], None]) -> str:
     """``name``, or the newest model in ``store`` (said through ``log``)."""
-    if name:
-        return name
-    newest = store.newest()
-    if newest is None:
-        raise TkError(f"no model in the store {store.root}; train one with `tk finetune` "
-                      "or pass --store DIR")
-    log(f"using model '{newest.name}' (the newest in {store.root}; --model NAME picks one)")
-    return newest.name
+    from toolkit.predict.session import newest_model
+
+    return name or newest_model(store, log)
 
 
 # -- the output target ----------------------------------------------------------------------
@@ -150,9 +147,12 @@ def check_output_is_not_an_input(output: str, paths: Sequence[str], store: Model
 def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
     """`tk infer`: discover, predict, write rows as they come; a summary on stderr.
     Under torchrun every rank predicts a shard and rank 0 writes the merged output.
-    Usage errors are found before torch is imported."""
+    Usage errors are found before torch is imported; an exported ``.onnx`` model
+    (:mod:`toolkit.predict.session`) never imports it (except under torchrun, whose
+    process group is torch's)."""
     from model_store import ModelStore
     from toolkit.data.decode import check_limits
+    from toolkit.predict.session import resolve_model
 
     fmt = args.format or format_for_path(args.output)
     if fmt not in FORMATS:
@@ -169,20 +169,19 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
     log = _logger(is_main)
     stdout = stdout_stream() if is_main and not args.output else None
     store = ModelStore(args.store)
-    name = choose_model(store, args.model, log)
-    info = store.info(name)  # a missing model fails here, cheaply
+    ref = resolve_model(args.model, store=store, runtime=args.runtime, log=log)
+    name = ref.name
     warn = warn_stderr if is_main else (lambda _m: None)
     paths = discover(args.inputs, warn=warn)
     if not len(paths):
         raise TkError(f"no image files found in {' '.join(args.inputs)} "
                       "(extensions: jpg jpeg png bmp gif webp tif tiff)")
     if args.output:
-        check_output_is_not_an_input(args.output, paths, store,
-                                     os.fspath(store.model_path(name)))
+        check_output_is_not_an_input(args.output, paths, store, os.fspath(ref.path))
     summary = InferSummary(model=name, output=args.output)
     keep = 0
     if args.resume:
-        state = read_output(args.output, fmt, min(args.topk, len(info.classes)),  # type: ignore[arg-type]
+        state = read_output(args.output, fmt, min(args.topk, len(ref.classes)),  # type: ignore[arg-type]
                             csv_raw=args.csv_raw)
         keep = state.keep
         done = done_indices(paths, state.paths, args.output)  # type: ignore[arg-type]
@@ -193,7 +192,7 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
         log(f"--resume: {summary.skipped} file(s) already in {args.output}, "
             f"{len(paths)} to go")
 
-    with _torch_session(args, name, store, plugins, warn) as (runner, dist):
+    with _session(args, ref, store, plugins, warn) as (runner, dist):
         summary.distributed = dist.enabled
         if args.resume:
             dist.barrier()  # every rank has read the file before rank 0 changes it
@@ -214,10 +213,12 @@ def run_infer(args: InferArgs, plugins: Any) -> InferSummary:
 
 
 class _Dist:
-    def __init__(self, info: Any):
+    """The torchrun process group as the writing loop sees it (none: one process)."""
+
+    def __init__(self, info: Any = None):
         self.info = info
-        self.enabled = bool(info.enabled)
-        self.is_main = bool(info.is_main)
+        self.enabled = bool(info is not None and info.enabled)
+        self.is_main = bool(info is None or info.is_main)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -226,33 +227,61 @@ class _Dist:
             dist.barrier()
 
 
-@contextlib.contextmanager
-def _torch_session(args: InferArgs, name: str, store: Any, plugins: Any, warn: Any
-                   ) -> Iterator[tuple[Runner, _Dist]]:
-    """The runner on the torch runtime for ``args``: the process group under torchrun, the
-    device, the model. (Another runtime is another session giving a
-    :class:`~toolkit.predict.runner.Runner`; the writing below does not change.)"""
-    import torch
-
-    from toolkit import distributed as D
-    from toolkit.devices import resolve_device
-    from toolkit.model.loading import load_model
-    from toolkit.predict.runner import Predictor
-
-    info = D.from_env()
-    device = resolve_device(args.device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    D.init(info, device)
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several (read before importing
+    torch, which :mod:`toolkit.distributed` does, so the one-process ONNX path stays
+    torch-free)."""
     try:
-        loaded = load_model(name, store, plugins=plugins, device="cpu")
-        runner = Predictor(loaded, batch_size=args.batch_size, topk=args.topk, device=device,
-                           precision=args.precision, channels_last=args.channels_last,
-                           workers=args.workers, decode=args.decode, warn=warn)
-        yield runner, _Dist(info)
+        return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
+    except ValueError:
+        return True  # toolkit.distributed.from_env says what is wrong
+
+
+@contextlib.contextmanager
+def _session(args: InferArgs, ref: Any, store: Any, plugins: Any, warn: Any
+             ) -> Iterator[tuple[Runner, _Dist]]:
+    """The runner for ``args`` on the model ``ref`` names
+    (:func:`toolkit.predict.session.open_predictor`: torch for a stored model, ONNX Runtime
+    for an exported file), inside the torch process group under torchrun (each rank on its
+    own GPU when the device is CUDA; gloo on the CPU)."""
+    from toolkit.predict.session import open_predictor
+
+    device: Any = args.device
+    info = None
+    if _under_torchrun():
+        import torch
+
+        from toolkit import distributed as D
+        from toolkit.devices import resolve_device
+
+        info = D.from_env()
+        if ref.kind == "onnx":
+            if str(device).lower() in ("auto", "cuda"):  # one GPU per rank, if any
+                try:
+                    import onnxruntime as ort
+                except ImportError:  # said in one line when the model is opened
+                    ort = None
+                if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
+                    device = f"cuda:{info.local_rank}"
+            D.init(info, torch.device("cpu"))  # rows are gathered on the CPU
+        else:
+            device = resolve_device(args.device)
+            if device.type == "cuda":
+                device = torch.device("cuda", info.local_rank)
+                torch.cuda.set_device(device)
+            D.init(info, device)
+    try:
+        with open_predictor(ref, store=store, device=device, precision=args.precision,
+                            channels_last=args.channels_last, decode=args.decode,
+                            tta=args.tta, plugins=plugins) as opened:
+            runner = opened.runner(batch_size=args.batch_size, topk=args.topk,
+                                   workers=args.workers, decode=args.decode, warn=warn)
+            yield runner, _Dist(info)
     finally:
-        D.shutdown()
+        if info is not None:
+            from toolkit import distributed as D
+
+            D.shutdown()
 
 
 def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep: int,
@@ -270,7 +299,7 @@ def _write_all(runner: Runner, paths: PathList, args: InferArgs, fmt: str, keep:
         assert stdout is not None
         stream, name = stdout, "standard output"
     writer = WRITERS[fmt](stream, runner.classes, runner.topk, csv_raw=args.csv_raw,
-                          name=name)
+                          name=name, multi_label=runner.thresholds is not None)
     progress = Progress(len(paths), "infer", enabled=not args.quiet)
     runner.warn = _warning_through(progress)
     rows = runner.predict_paths(paths)

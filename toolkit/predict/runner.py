@@ -21,7 +21,10 @@ How a file becomes a row (each step in its own module):
 3. A :class:`toolkit.predict.runtime.Runtime` turns a batch of crops into logits: the torch
    runtime (:mod:`toolkit.predict.torch_runtime`) normalises on the device (the device half
    of the same transform, bit for bit what validation used during training) and runs the
-   model. The next batch is started before the previous one's logits are read back.
+   model; the ONNX Runtime runtime (:mod:`toolkit.predict.onnx_runtime`) hands the crops
+   to an exported graph that normalises inside itself, without torch.
+   :func:`toolkit.predict.session.open_predictor` picks and opens one from ``--model``.
+   The next batch is started before the previous one's logits are read back.
 4. :class:`Runner` maps logits to scores (softmax) and the top ``k`` classes, and every
    sample keeps its input index: a file that could not be read is an error row at its own
    position and never enters the model, so no row can carry another file's prediction.
@@ -77,16 +80,23 @@ class Prediction:
     topk: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     index: int = -1  # position in the input list
+    # multi-label models: the predicted labels (best first) with their scores
+    labels: list[tuple[str, float]] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """The jsonl row: ``{"path","label","score","topk":[{"label","score"}],"error"}``."""
-        return {"path": self.path, "label": self.label, "score": self.score,
-                "topk": [{"label": lab, "score": s} for lab, s in self.topk],
-                "error": self.error}
+        """The jsonl row: ``{"path","label","score","topk":[{"label","score"}],"error"}``;
+        multi-label models add ``"labels": [...]`` and ``"label_scores": [...]``."""
+        row: dict[str, Any] = {"path": self.path, "label": self.label, "score": self.score,
+                               "topk": [{"label": lab, "score": s} for lab, s in self.topk],
+                               "error": self.error}
+        if self.labels is not None:
+            row["labels"] = [lab for lab, _ in self.labels]
+            row["label_scores"] = [s for _, s in self.labels]
+        return row
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +116,13 @@ class Runner:
     """Files -> rows with any :class:`~toolkit.predict.runtime.Runtime`.
 
     ``transform``: the model's eval transform (its host half runs in the decoding workers);
-    ``classes``: the model's class names (index = logit column)."""
+    ``classes``: the model's class names (index = logit column); ``thresholds``: a
+    multi-label model's per-class thresholds (sigmoid scores, rows with ``labels``)."""
 
     def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
                  batch_size: int = 32, topk: int = 1, workers: int | None = None,
-                 decode: str = "auto", warn: Warn = warn_stderr):
+                 decode: str = "auto", warn: Warn = warn_stderr,
+                 thresholds: Sequence[float] | None = None):
         if int(batch_size) < 1:
             raise TkError(f"--batch-size must be at least 1, got {batch_size}")
         if int(topk) < 1:
@@ -136,6 +148,27 @@ class Runner:
         self.workers = default_workers() if workers is None else int(workers)
         self.decode = decode
         self.warn = warn
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+
+    def _predictions(self, logits: np.ndarray) -> list[tuple[str | None, float, list[Any],
+                                                             list[Any] | None]]:
+        """Per row of ``logits``: (label, score, top k, multi-label labels or None)."""
+        if self.thresholds is not None:
+            from toolkit.predict.scoring import multilabel_rows
+
+            out: list[tuple[str | None, float, list[Any], list[Any] | None]] = []
+            for r in multilabel_rows(logits, self.thresholds, self.classes, self.topk):
+                best = r.top[0]
+                label = best[0] if r.labels and r.labels[0][0] == best[0] else None
+                out.append((label, best[1], r.top, r.labels))
+            return out
+        scores, ids = top_k(logits, self.topk)
+        rows = []
+        for j in range(len(logits)):
+            top = [(self.classes[int(c)], round(float(s), 6))
+                   for s, c in zip(scores[j], ids[j], strict=True)]
+            rows.append((top[0][0], top[0][1], top, None))
+        return rows
 
     def _rows(self, paths: Sequence[str], batch: HostBatch, handle: Any) -> list[Prediction]:
         """The rows of a batch whose work was started as ``handle``, in batch order."""
@@ -147,14 +180,13 @@ class Runner:
             for p, err in zip(batch.jpeg_pos, jpeg_errors, strict=True):
                 errors[p] = err
             if len(positions):
-                scores, ids = top_k(logits, self.topk)
+                predicted = self._predictions(logits)
                 for j, p in enumerate(positions):
                     if errors[p] is not None:
                         continue
-                    top = [(self.classes[int(c)], round(float(s), 6))
-                           for s, c in zip(scores[j], ids[j], strict=True)]
-                    rows[p] = Prediction(paths[batch.indices[p]], top[0][0], top[0][1], top,
-                                         None, batch.indices[p])
+                    label, score, top, labels = predicted[j]
+                    rows[p] = Prediction(paths[batch.indices[p]], label, score, top,
+                                         None, batch.indices[p], labels)
         for p, row in enumerate(rows):
             if row is None:
                 rows[p] = Prediction(paths[batch.indices[p]], None, None, [],
@@ -230,18 +262,22 @@ class Predictor(Runner):
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
                  channels_last: bool | None = None, workers: int | None = None,
-                 decode: str = "auto", warn: Warn = warn_stderr):
+                 decode: str = "auto", warn: Warn = warn_stderr, tta: bool = False):
         from toolkit.data.transforms import eval_transform
+        from toolkit.predict.scoring import thresholds_of
         from toolkit.predict.torch_runtime import TorchRuntime
 
         if decode not in DECODERS:
             raise TkError(f"--decode {decode}: expected one of {', '.join(DECODERS)}")
         transform = eval_transform(loaded.data_config)
         self.loaded = loaded
+        thresholds = thresholds_of(loaded.meta, len(loaded.classes))
         runtime = TorchRuntime(loaded.model, transform, device=device, precision=precision,
-                               channels_last=channels_last, jpeg=decode == "torchvision")
+                               channels_last=channels_last, jpeg=decode == "torchvision",
+                               tta=tta, multi_label=thresholds is not None)
         super().__init__(runtime, transform, loaded.classes, batch_size=batch_size, topk=topk,
-                         workers=workers, decode=decode, warn=warn)
+                         workers=workers, decode=decode, warn=warn,
+                         thresholds=thresholds)
         self.device = runtime.device
         self.model = runtime.model
 
@@ -250,26 +286,21 @@ class Predictor(Runner):
         logits = self.runtime.logits(images, self.batch_size)  # type: ignore[attr-defined]
         if not len(logits):
             return []
-        scores, ids = top_k(logits, self.topk)
-        out: list[Prediction] = []
-        for j in range(len(logits)):
-            top = [(self.classes[int(c)], round(float(s), 6))
-                   for s, c in zip(scores[j], ids[j], strict=True)]
-            out.append(Prediction(None, top[0][0], top[0][1], top, None, j))
-        return out
+        return [Prediction(None, label, score, top, None, j, labels)
+                for j, (label, score, top, labels) in enumerate(self._predictions(logits))]
 
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
             channels_last: bool | None = None, workers: int | None = None, decode: str = "auto",
-            warn: Warn = warn_stderr) -> Iterator[Prediction]:
+            warn: Warn = warn_stderr, tta: bool = False) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
     :mod:`toolkit.data.listing`), in input order. Bad files give rows with ``error`` set."""
     paths = inputs if isinstance(inputs, PathList) else discover(
         inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs), warn=warn)
     predictor = Predictor(loaded, batch_size=batch_size, topk=topk, device=device,
                           precision=precision, channels_last=channels_last, workers=workers,
-                          decode=decode, warn=warn)
+                          decode=decode, warn=warn, tta=tta)
     return predictor.predict_paths(paths)
 
 

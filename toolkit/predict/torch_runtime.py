@@ -9,6 +9,11 @@ autocast (``precision``), optionally in channels-last layout. On CUDA the logits
 copied back into pinned memory without blocking: :meth:`TorchRuntime.start` returns while
 the GPU works, :meth:`TorchRuntime.finish` waits.
 
+With ``tta`` (``--tta``) every batch also runs mirrored left to right, and the two
+predictions are averaged as probabilities (softmax, or sigmoid per class for a multi-label
+model); the logits handed back are those of the mean probabilities (``log p`` for softmax,
+``log(p / (1 - p))`` for sigmoid), so scoring stays as it is. Twice the model time.
+
 JPEG bytes (``--decode torchvision``) are decoded with ``torchvision.io.decode_jpeg`` on the
 model's device (nvJPEG, batched, on CUDA) and cropped there
 (:meth:`~toolkit.data.transforms.EvalTransform.crop_tensor`); a JPEG the device cannot
@@ -30,6 +35,17 @@ if TYPE_CHECKING:
     from toolkit.data.transforms import EvalTransform
 
 
+def tta_logits(views: list[torch.Tensor], multi_label: bool) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the ``views``' probabilities."""
+    import torch
+
+    if multi_label:
+        p = torch.stack([torch.sigmoid(v) for v in views]).mean(0).clamp(1e-7, 1 - 1e-7)
+        return torch.log(p) - torch.log1p(-p)
+    return torch.stack([torch.log_softmax(v, dim=1) for v in views]).exp().mean(0).clamp(
+        min=1e-30).log()
+
+
 class TorchRuntime:
     """``model`` (moved to ``device`` in place, eval mode) with the eval ``transform``."""
 
@@ -37,7 +53,8 @@ class TorchRuntime:
 
     def __init__(self, model: nn.Module, transform: EvalTransform, *,
                  device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool | None = None, jpeg: bool = False):
+                 channels_last: bool | None = None, jpeg: bool = False, tta: bool = False,
+                 multi_label: bool = False):
         import torch
 
         from toolkit.devices import check_precision, resolve_channels_last, resolve_device
@@ -47,6 +64,7 @@ class TorchRuntime:
         self.channels_last = resolve_channels_last(channels_last, model, self.device)
         self.transform = transform
         self.accepts_jpeg = bool(jpeg)
+        self.tta, self.multi_label = bool(tta), bool(multi_label)
         self.cuda = self.device.type == "cuda"
         model = model.to(self.device)
         if self.channels_last:
@@ -103,8 +121,11 @@ class TorchRuntime:
 
         with torch.inference_mode(), autocast(self.device, self.precision):
             logits = self.model(x)
+            flipped = self.model(x.flip(3)) if self.tta else None
         with torch.inference_mode():
-            return logits.float()
+            if flipped is None:
+                return logits.float()
+            return tta_logits([logits.float(), flipped.float()], self.multi_label)
 
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Logits of images already preprocessed with the full eval transform

@@ -145,7 +145,8 @@ class RowWriter:
     """Writes rows to a text stream as they come, flushing each."""
 
     def __init__(self, stream: IO[str], classes: Sequence[str], topk: int, *,
-                 csv_raw: bool = False, name: str = "stdout"):
+                 csv_raw: bool = False, name: str = "stdout", multi_label: bool = False):
+        self.multi_label = multi_label  # rows carry labels (csv: labels, label_scores)
         self.stream = stream
         self.classes = list(classes)
         self.topk = topk
@@ -212,18 +213,21 @@ class JsonWriter(RowWriter):
         self.emit("\n]\n" if not self.first else "]\n")
 
 
-def csv_header(topk: int) -> list[str]:
-    """``path,label,score`` then ``label_2,score_2``... up to ``topk``, then ``error``."""
+def csv_header(topk: int, multi_label: bool = False) -> list[str]:
+    """``path,label,score`` then ``label_2,score_2``... up to ``topk``, (multi-label:
+    ``labels,label_scores``, ``;``-joined) then ``error``."""
     cols = ["path", "label", "score"]
     for k in range(2, topk + 1):
         cols += [f"label_{k}", f"score_{k}"]
+    if multi_label:
+        cols += ["labels", "label_scores"]
     return [*cols, "error"]
 
 
 class CsvWriter(RowWriter):
     def begin(self, *, append: bool = False) -> None:
         if not append:
-            self.emit(_csv_line(csv_header(self.topk)))
+            self.emit(_csv_line(csv_header(self.topk, self.multi_label)))
 
     def write(self, row: Prediction) -> None:
         def text(value: str | None) -> str:
@@ -236,6 +240,10 @@ class CsvWriter(RowWriter):
                 cells += [text(row.topk[k][0]), row.topk[k][1]]
             else:
                 cells += ["", ""]
+        if self.multi_label:
+            labels = row.labels or []
+            cells += [text(";".join(lab for lab, _ in labels)),
+                      ";".join(f"{s:g}" for _, s in labels)]
         self.emit(_csv_line([*cells, text(row.error)]))
 
 
@@ -257,6 +265,9 @@ class TableWriter(RowWriter):
         if row.error is not None:
             return f"{'ERROR':<{self.width}}  {'-':>6}  {path}  ({_table_text(row.error)})"
         line = f"{_table_text(row.label or ''):<{self.width}}  {row.score:6.4f}  {path}"
+        if row.labels is not None:
+            line += "  labels: " + (";".join(_table_text(lab) for lab, _ in row.labels)
+                                    or "(none)")
         if len(row.topk) > 1:
             line += "  | " + ", ".join(f"{_table_text(lab)} {s:.4f}" for lab, s in row.topk[1:])
         return line
@@ -392,7 +403,7 @@ def _read_csv(lines: list[tuple[str, int]], name: str, topk: int, raw: bool) -> 
         header = next(reader, None)
         if header is None:
             return state
-        if header != csv_header(topk):
+        if header not in (csv_header(topk), csv_header(topk, True)):
             raise TkError(f"--resume: {name} has the columns {','.join(header)}, not those "
                           f"of this run ({','.join(csv_header(topk))}); same --topk?")
         state.keep = consumed[0]

@@ -121,3 +121,31 @@ def choose_lr(args: FinetuneArgs, optimizer: Any) -> tuple[float, str]:
     if registered is None:
         return DEFAULT_LR, "tk default"
     return registered, f"default_lr of {optimizer.qualified_name}"
+
+
+def loss_for_task(args: FinetuneArgs, components: Components, task: str, plugins: Any
+                  ) -> None:
+    """The loss fits the task the data has: without ``--loss``, the default a plugin
+    registers for that task (built-in: ``bce`` for multi-label); a loss named for the other
+    task is refused with one line, and so is ``--class-weights`` with a loss that takes no
+    weights (``class_weights``, or ``pos_weight`` for multi-label)."""
+    from toolkit.errors import TkError
+
+    loss = components.loss
+    if args.loss is None and loss.task != task:
+        loss = plugins.registry("losses").default(task)
+        loss.check_options(args.options["loss"])
+        components.loss = loss
+    if loss.task != task:
+        hint = ("a multi-label loss (tk list losses: bce, asl)" if task == "multi-label"
+                else "a single-label loss (e.g. cross-entropy, focal)")
+        raise TkError(f"--loss {loss.name} is a {loss.task} loss but the data is {task}: "
+                      f"use {hint}")
+    if args.class_weights:
+        key = "pos_weight" if task == "multi-label" else "class_weights"
+        accepted = loss.accepted_options(0)
+        if key in args.options["loss"]:
+            raise TkError(f"--class-weights {args.class_weights} and --opt loss.{key} both "
+                          "set the class weights: keep one")
+        if accepted is not None and key not in accepted:
+            raise TkError(f"--class-weights: loss '{loss.name}' takes no {key} option")

@@ -77,6 +77,17 @@ class FinetuneArgs:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    # recipes (issue 18)
+    multi_label: bool = False  # a plugin dataset's targets are multi-hot (csv: from header)
+    threshold: float | None = None  # multi-label: one decision threshold for every class
+    class_weights: str | None = None  # auto (inverse frequency) | effective (number)
+    sampler: str | None = None  # balanced: WeightedRandomSampler over class frequencies
+    accumulate: int = 1  # micro-batches per optimizer step
+    ema: float | None = None  # decay of an exponential moving average of the weights
+    mixup: float = 0.0  # MixUp alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    log: list[str] = field(default_factory=list)  # logger names (tk list loggers)
+    log_dir: str | None = None  # None: each run logs into $TK_HOME/runs/NAME/logs
     options: dict[str, dict[str, Any]] = field(default_factory=lambda: {c: {} for c in COMPONENTS})
 
     def check(self) -> None:
@@ -99,6 +110,28 @@ class FinetuneArgs:
         if self.name is not None and not NAME_RE.fullmatch(self.name):
             raise TkError(f"--name {self.name!r}: use letters, digits, '.', '_' and '-'")
         self.options = check_options(self.options)
+        self._check_recipes()
+
+    def _check_recipes(self) -> None:
+        for flag, value in (("--ema", self.ema), ("--threshold", self.threshold)):
+            if value is not None and not 0 < value < 1:
+                raise TkError(f"{flag} must be between 0 and 1 (exclusive), got {value:g}")
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.strip().lower()
+            if self.class_weights not in CLASS_WEIGHTS:
+                raise TkError(f"--class-weights {self.class_weights}: expected one of "
+                              f"{', '.join(CLASS_WEIGHTS)}")
+        if self.sampler is not None:
+            self.sampler = self.sampler.strip().lower()
+            if self.sampler not in SAMPLERS:
+                raise TkError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
+        if (self.mixup or self.cutmix) and self.cache_features:
+            raise TkError("--mixup and --cutmix mix images: they do not work with "
+                          "--cache-features")
+
+
+CLASS_WEIGHTS = ("auto", "effective")  # inverse frequency; effective number of samples
+SAMPLERS = ("balanced",)
 
 
 # field -> (lowest, highest) allowed; None: unbounded on that side. Wide enough for any real
@@ -116,8 +149,12 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1),
     "patience": (1, 100_000),
     "warmup_epochs": (0, 100_000.0),
+    "accumulate": (1, 65_536),
+    "mixup": (0, 1000.0),
+    "cutmix": (0, 1000.0),
 }
-_POSITIVE = {"classes", "epochs", "batch_size", "lr", "unfreeze_at", "image_size", "patience"}
+_POSITIVE = {"classes", "epochs", "batch_size", "lr", "unfreeze_at", "image_size", "patience",
+             "accumulate"}
 
 
 def _check_range(flag: str, value: Any, low: float | None, high: float | None) -> None:
@@ -156,6 +193,11 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
         if type(None) in typing.get_args(hint):
             return None
         raise TkError(f"{where}: a value is required")
+    if typing.get_origin(hint) is list:  # --log: a list of names (one name is a list of one)
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) and v for v in items):
+            return list(items)
+        raise TkError(f"{where} = {value!r}: expected a name or a list of names")
     base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     kind = base[0]
     if kind is bool:

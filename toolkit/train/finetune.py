@@ -6,7 +6,8 @@ below::
     data        load_data            the dataset's classes, checked against --classes
     session     training_session     device, precision, torchrun process group
     model       build_model          weights, backbone + head (size-checked first), input size
-    plan        plan_training        freezing, loss, optimizer, splits, feature cache
+    plan        plan_training        freezing, splits, class counts, loss, optimizer, cache
+    observers   RunObservers         --log loggers attached; tk_train_start ... tk_train_end
     train       Trainer.fit          (toolkit.train.trainer)
     save        save_model           the best weights + metadata into the store
     artifacts   write_artifacts      training curves and confusion matrix
@@ -29,10 +30,12 @@ from toolkit.errors import DataError, TkError
 from toolkit.train.components import (
     Components,
     choose_lr,
+    loss_for_task,
     resolve_components,
     with_accepted,
 )
 from toolkit.train.config import FinetuneArgs
+from toolkit.train.observers import RunObservers
 
 
 @dataclass
@@ -46,43 +49,66 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def finetune(args: FinetuneArgs, plugins: Any) -> FinetuneResult | None:
-    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks)."""
+def finetune(args: FinetuneArgs, plugins: Any, *,
+             on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+             checkpoints: bool = True) -> FinetuneResult | None:
+    """Run a fine-tuning job. Returns the result on rank 0 (None on other ranks).
+
+    ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's observers;
+    an exception it raises ends the run at once, without saving (observers see
+    ``tk_train_end`` status ``"stopped"``), and propagates: ``tk tune`` prunes trials
+    this way. ``checkpoints=False`` writes no per-epoch checkpoint: the run leaves
+    nothing to resume (a tune trial)."""
     # options, component names and the output places are checked before torch is even
     # imported: user errors come back at once
     args.check()
     components = resolve_components(args, plugins)
+    observers = RunObservers(plugins, args.log, args.log_dir)
     outputs = plan_outputs(args, components)
-    with outputs.claim():
-        data = load_data(args, components)
-        with training_session(args) as session:
-            built = build_model(args, plugins, components, data, outputs.store, session)
-            plan = plan_training(args, components, data, built, outputs.store, session)
-            trainer = make_trainer(args, components, data, built, plan, outputs, session,
-                                   plugins)
-            saved = trainer.read_checkpoint() if args.resume and session.is_main else None
-            record = training_record(args, components, data, built, plan, session)
-            if session.is_main:
-                plugins.notify("tk_train_start", config=dict(record, classes=data.classes))
-                session.log(describe_run(components, data, built, plan, session))
-            try:
-                result = trainer.fit(resume=args.resume, saved=saved)
-            except KeyboardInterrupt:
-                session.log(f"interrupted: the last finished epoch is checkpointed in "
-                            f"{outputs.run.path}; continue with: tk finetune ... --name "
-                            f"{outputs.name} --resume")
-                raise
-            if not session.is_main:
-                return None
-            info, metadata = save_model(args, components, data, built, plan, result, record,
-                                        outputs, plugins)
-            artifacts = write_artifacts(outputs, result, data.classes, session.log)
-            outputs.run.finish()
-    plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path), metadata=metadata)
-    best = result.best_metrics
-    session.log(f"saved model '{outputs.name}' (best epoch {result.best_epoch}: val acc "
-                f"{best['val_acc']:.3f}, val loss {best['val_loss']:.4f}) to {info.path}; "
-                f"tk version {metadata['tk_version']}")
+    with observers.observing():
+        with outputs.claim():
+            if outputs.is_main:
+                observers.attach(outputs.name, outputs.run.path)
+            data = load_data(args, components)
+            loss_for_task(args, components, data.task, plugins)
+            with training_session(args) as session:
+                built = build_model(args, plugins, components, data, outputs.store, session)
+                plan = plan_training(args, components, data, built, outputs.store, session)
+                trainer = make_trainer(args, components, data, built, plan, outputs, session,
+                                       plugins, observers.epoch_callback(on_epoch_end),
+                                       checkpoints)
+                saved = trainer.read_checkpoint() if args.resume and session.is_main else None
+                record = training_record(args, components, data, built, plan, session)
+                if session.is_main:
+                    observers.start(dict(record, classes=data.classes))
+                    session.log(describe_run(components, data, built, plan, session))
+                    say_balance(args, data, plan.balance, session.log)
+                try:
+                    result = trainer.fit(resume=args.resume, saved=saved)
+                except KeyboardInterrupt:
+                    if checkpoints:
+                        session.log(f"interrupted: the last finished epoch is checkpointed in "
+                                    f"{outputs.run.path}; continue with: tk finetune ... "
+                                    f"--name {outputs.name} --resume")
+                    raise
+                except BaseException:
+                    if observers.stopped:  # ended on purpose: nothing to resume
+                        outputs.run.finish()
+                    raise
+                if not session.is_main:
+                    return None
+                info, metadata = save_model(args, components, data, built, plan, result,
+                                            record, outputs, plugins)
+                artifacts = write_artifacts(outputs, result, data.classes, session.log)
+                outputs.run.finish()
+        plugins.notify("tk_model_saved", name=outputs.name, path=str(info.path),
+                       metadata=metadata, artifacts=artifacts)
+        best = result.best_metrics
+        shown = (f"val mAP {best['val_map']:.3f}" if data.task == "multi-label"
+                 else f"val acc {best['val_acc']:.3f}")
+        session.log(f"saved model '{outputs.name}' (best epoch {result.best_epoch}: {shown}, "
+                    f"val loss {best['val_loss']:.4f}) to {info.path}; "
+                    f"tk version {metadata['tk_version']}")
     return FinetuneResult(outputs.name, Path(info.path), result.best_epoch, best,
                           result.history, artifacts, result.stopped_early)
 
@@ -173,6 +199,7 @@ class Data:
     source: Any  # DatasetSource: classes, splits(...)
     classes: list[str]
     options: dict[str, Any]  # what the dataset factory got
+    task: str = "single-label"  # or "multi-label" (the source says, or --multi-label)
 
 
 def load_data(args: FinetuneArgs, components: Components) -> Data:
@@ -188,7 +215,14 @@ def load_data(args: FinetuneArgs, components: Components) -> Data:
                         f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
     if len(classes) < 2:
         raise DataError(f"need at least 2 classes, the data has {len(classes)}")
-    return Data(source, classes, options)
+    multi = args.multi_label or getattr(source, "task", None) == "multi-label"
+    if multi and (args.mixup or args.cutmix):
+        raise TkError("--mixup and --cutmix are for single-label data; this data is "
+                      "multi-label")
+    if args.threshold is not None and not multi:
+        raise TkError("--threshold is for multi-label data (a csv with a 'labels' column, "
+                      "or --multi-label)")
+    return Data(source, classes, options, "multi-label" if multi else "single-label")
 
 
 # -- session: device, precision, process group ---------------------------------------------
@@ -333,6 +367,63 @@ class Plan:
     val_set: Any
     lr_source: str
     feature_cache: bool
+    balance: Any = None  # Balance
+
+
+@dataclass
+class Balance:
+    """The training split's class counts and what the imbalance recipes made of them."""
+
+    counts: list[int] | None
+    loss_weights: list[float] | None = None
+    sample_weights: list[float] | None = None
+
+
+def class_balance(args: FinetuneArgs, data: Data, train_set: Any) -> Balance:
+    """Count the training images per class; the loss weights of ``--class-weights`` and the
+    image weights of ``--sampler balanced``."""
+    from toolkit.train import balance as B
+
+    targets = B.targets_of(train_set)
+    if targets is None:
+        if args.class_weights or args.sampler:
+            raise DataError("--class-weights and --sampler need a dataset that lists its "
+                            "labels (a 'targets' attribute); this one does not")
+        return Balance(None)
+    counts = B.class_counts(targets, len(data.classes))
+    out = Balance(counts)
+    if args.class_weights:
+        out.loss_weights = B.loss_weights(counts, len(targets), args.class_weights,
+                                          data.task == "multi-label")
+    if args.sampler == "balanced":
+        out.sample_weights = B.sample_weights(targets, counts)
+    return out
+
+
+def say_balance(args: FinetuneArgs, data: Data, balance: Balance | None, log: Any) -> None:
+    """The counts per class, and a warning when they are far apart (after a resume's
+    checkpoint was accepted: a refused resume stays one line)."""
+    from toolkit.train import balance as B
+
+    if balance is not None and balance.counts is not None:
+        B.check_counts(balance.counts, data.classes, log,
+                       bool(args.class_weights or args.sampler))
+
+
+def make_loss(args: FinetuneArgs, components: Components, data: Data, balance: Balance
+              ) -> Any:
+    """The loss module, given ``num_classes`` (when it takes it) and, with
+    ``--class-weights``, the weights as its ``class_weights`` (single-label) or
+    ``pos_weight`` (multi-label) option."""
+    from toolkit.model.assemble import call_factory
+
+    loss_c = components.loss
+    given = dict(args.options["loss"])
+    if balance.loss_weights is not None:  # the loss takes them (checked by loss_for_task)
+        key = "pos_weight" if data.task == "multi-label" else "class_weights"
+        given[key] = balance.loss_weights
+    loss_opts = with_accepted(loss_c, 0, {"num_classes": len(data.classes)}, given)
+    return call_factory("loss", loss_c.name, loss_c.factory, options=given, **loss_opts)
 
 
 def plan_training(args: FinetuneArgs, components: Components, data: Data, built: Built,
@@ -351,11 +442,7 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
     if lr_scale is None:
         lr_scale = 0.1 if args.pretrained else 1.0
 
-    loss_c, opt_c = components.loss, components.optimizer
-    loss_opts = with_accepted(loss_c, 0, {"num_classes": len(data.classes)},
-                              args.options["loss"])
-    loss_fn = call_factory("loss", loss_c.name, loss_c.factory, options=args.options["loss"],
-                           **loss_opts)
+    opt_c = components.optimizer
     optimizer_factory = functools.partial(opt_c.factory, **args.options["optimizer"])
     # a bad optimizer option value fails now, with one line, not when training starts
     call_factory("optimizer", opt_c.name, optimizer_factory,
@@ -364,6 +451,7 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
 
     use_cache = features.should_cache(args.cache_features, freezing.initial == freezing.n_groups,
                                       args.augment, args.unfreeze_at)
+    use_cache = use_cache and not (args.mixup or args.cutmix)  # they mix images
     if use_cache and args.augment:
         session.log("note: with --cache-features the features are computed once, without "
                     "augmentation")
@@ -372,6 +460,8 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
         eval_transform(built.data_config), val_split=args.val_split, seed=args.seed)
     if len(val_set) == 0:
         raise DataError("the validation split is empty: add images or raise --val-split")
+    balance = class_balance(args, data, train_set)
+    loss_fn = make_loss(args, components, data, balance)
     if use_cache:
         train_set, val_set = features.cached_features(
             built.backbone, built.data_config, (train_set, val_set),
@@ -389,9 +479,11 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
         backbone_lr_scale=lr_scale, warmup_epochs=args.warmup_epochs, patience=args.patience,
         precision=session.precision,
         channels_last=resolve_channels_last(args.channels_last, built.model, session.device),
-        compile=args.compile, workers=session.workers, seed=args.seed, quiet=args.quiet)
+        compile=args.compile, workers=session.workers, seed=args.seed, quiet=args.quiet,
+        task=data.task, accumulate=args.accumulate, ema=args.ema, mixup=args.mixup,
+        cutmix=args.cutmix, sample_weights=balance.sample_weights)
     return Plan(config, freezing, loss_fn, optimizer_factory, train_set, val_set, lr_source,
-                use_cache)
+                use_cache, balance)
 
 
 def run_identity(args: FinetuneArgs, components: Components, data: Data, built: Built,
@@ -411,19 +503,40 @@ def run_identity(args: FinetuneArgs, components: Components, data: Data, built: 
         "optimizer_options": args.options["optimizer"],
         "freeze": plan.freezing.initial, "unfreeze_at": args.unfreeze_at,
         "feature_cache": plan.feature_cache,
+        **recipe_identity(args, data),
     })
 
 
+def recipe_identity(args: FinetuneArgs, data: Data) -> dict[str, Any]:
+    """The recipes that shape a checkpoint's state (a resume with others is refused);
+    only those that are on, so checkpoints of runs without them keep their identity."""
+    out: dict[str, Any] = {}
+    if data.task != "single-label":
+        out["task"] = data.task
+    for key in ("class_weights", "sampler", "ema"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    for key in ("mixup", "cutmix"):
+        if getattr(args, key):
+            out[key] = getattr(args, key)
+    if args.accumulate != 1:
+        out["accumulate"] = args.accumulate
+    return out
+
+
 def make_trainer(args: FinetuneArgs, components: Components, data: Data, built: Built,
-                 plan: Plan, outputs: Outputs, session: Session, plugins: Any) -> Any:
+                 plan: Plan, outputs: Outputs, session: Session, plugins: Any,
+                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+                 checkpoints: bool = True) -> Any:
     from toolkit.train.trainer import Trainer
 
     return Trainer(
         built.model, plan.freezing, plan.loss_fn, plan.optimizer_factory, plan.train_set,
         plan.val_set, len(data.classes), plan.config, session.device,
-        checkpoint=outputs.run.checkpoint,
+        checkpoint=outputs.run.checkpoint if checkpoints else None,
         run_identity=run_identity(args, components, data, built, plan), dist=session.dist,
-        on_epoch_end=lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m),
+        on_epoch_end=on_epoch_end or (
+            lambda e, m: plugins.notify("tk_epoch_end", epoch=e, metrics=m)),
         log=session.log)
 
 
@@ -441,7 +554,11 @@ def training_record(args: FinetuneArgs, components: Components, data: Data, buil
         channels_last=plan.config.channels_last, workers=plan.config.workers,
         auto=list(session.auto),
         world_size=session.dist.world_size, dataset=components.dataset.qualified_name,
-        dataset_options=data.options, feature_cache=plan.feature_cache)
+        dataset_options=data.options, feature_cache=plan.feature_cache, task=data.task)
+    if plan.balance is not None and plan.balance.counts is not None:
+        record["class_counts"] = plan.balance.counts
+        if plan.balance.loss_weights is not None:
+            record["class_weight_values"] = plan.balance.loss_weights
     return _jsonable(record)
 
 
@@ -473,8 +590,8 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
                plugins: Any) -> tuple[Any, dict[str, Any]]:
     """The best epoch's weights and everything inference needs, into the store (a fully
     frozen backbone goes into a shared base)."""
-    from toolkit import __version__
     from toolkit.model.assemble import ModelSpec
+    from toolkit.version import __version__
 
     model = built.model
     model.load_state_dict(result.best_state)
@@ -484,6 +601,7 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
                      head_options=args.options["head"])
     metadata = {
         "spec": spec.to_dict(),
+        "task": data.task,
         "classes": data.classes,
         "data_config": built.data_config.to_dict(),
         "training": record,
@@ -494,6 +612,8 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
         "weights": built.backbone.weights.to_dict(),
         "tk_version": __version__,
     }
+    if data.task == "multi-label":
+        metadata.update(multilabel_meta(args, result, data.classes))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fully_frozen = result.frozen_groups_end == plan.freezing.n_groups
     # frozen tensors are kept once in the store (shared with the weights they came from)
@@ -502,6 +622,23 @@ def save_model(args: FinetuneArgs, components: Components, data: Data, built: Bu
     info = outputs.store.save(outputs.name, state, metadata, shared=shared,
                               overwrite=args.overwrite or args.resume)
     return info, metadata
+
+
+def multilabel_meta(args: FinetuneArgs, result: Any, classes: list[str]) -> dict[str, Any]:
+    """``thresholds`` (per class: maximising F1 on the validation split, or ``--threshold``)
+    and the best model's validation scores at those thresholds (``metrics_at_thresholds``)."""
+    from toolkit.metrics import best_f1_thresholds, scores
+
+    probs, targets = result.val_outputs
+    if args.threshold is not None:
+        thresholds, source = [float(args.threshold)] * len(classes), "--threshold"
+    else:
+        thresholds, source = best_f1_thresholds(probs, targets), "validation F1"
+    s = scores(probs, targets, thresholds)
+    return {"thresholds": thresholds, "threshold_source": source,
+            "metrics_at_thresholds": {"map": s.map, "f1_micro": s.f1_micro,
+                                      "f1_macro": s.f1_macro, "exact_match": s.exact_match,
+                                      "ap": s.ap}}
 
 
 def write_artifacts(outputs: Outputs, result: Any, classes: list[str], log: Any

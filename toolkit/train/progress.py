@@ -1,6 +1,7 @@
 """Where a run stands: the epochs done and their metrics, the best epoch (by validation
-accuracy) with its weights and confusion matrix, and early stopping. Its checkpoint form,
-and the checks a checkpoint read back must pass before a run continues from it."""
+accuracy, or the ``monitor`` metric: mAP for multi-label) with its weights and confusion
+matrix, and early stopping. Its checkpoint form, and the checks a checkpoint read back
+must pass before a run continues from it."""
 
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ class Progress:
     best_epoch: int = 0
     best_confusion: list[list[int]] | None = None
     best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights
+    monitor: str = "val_acc"  # the metric that picks the best epoch (higher is better)
 
     @property
     def best_acc(self) -> float:
-        return float(self.history[self.best_epoch - 1]["val_acc"]) if self.best_epoch else -1.0
+        """The best epoch's ``monitor`` metric (-1 before any epoch)."""
+        return (float(self.history[self.best_epoch - 1][self.monitor]) if self.best_epoch
+                else -1.0)
 
     @property
     def best_metrics(self) -> dict[str, Any]:
@@ -40,7 +44,7 @@ class Progress:
     def record(self, epoch: int, metrics: dict[str, Any], confusion: torch.Tensor,
                model: nn.Module) -> bool:
         """Add a finished epoch; keep its weights when it is the best so far."""
-        improved = metrics["val_acc"] > self.best_acc
+        improved = metrics[self.monitor] > self.best_acc
         self.history.append(metrics)
         self.epoch = epoch
         if improved:
@@ -72,7 +76,7 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, state: Any, best: Any, current: dict[str, torch.Tensor], *,
-                        epochs: int, num_classes: int) -> Progress:
+                        epochs: int, num_classes: int, monitor: str = "val_acc") -> Progress:
         """Validate a checkpoint's progress (types, ranges, consistency) against this run
         (``epochs``, ``num_classes``, the model's loaded ``current`` state); a
         :class:`TkError` saying what is wrong otherwise."""
@@ -88,12 +92,13 @@ class Progress:
               f"its history does not have one entry per epoch (epoch {epoch})")
         for i, metrics in enumerate(history, start=1):
             _check_metrics(metrics, i)
+            _need(monitor in metrics, f"the metrics of epoch {i} have no {monitor}")
         best_epoch = state["best_epoch"]
         _need(_is_int(best_epoch) and 1 <= best_epoch <= epoch,
               f"best epoch {best_epoch!r} is not one of its epochs 1..{epoch}")
-        accs = [m["val_acc"] for m in history]
+        accs = [m[monitor] for m in history]
         _need(accs[best_epoch - 1] == max(accs) and accs.index(max(accs)) == best_epoch - 1,
-              f"best epoch {best_epoch} is not the epoch with the best val accuracy")
+              f"best epoch {best_epoch} is not the epoch with the best {monitor}")
         confusion = state["best_confusion"]
         _need(isinstance(confusion, list) and len(confusion) == num_classes
               and all(isinstance(row, list) and len(row) == num_classes
@@ -106,7 +111,7 @@ class Progress:
         best_state = {k: (best[k] if k in best else v.detach().to("cpu", copy=True))
                       for k, v in current.items()}
         return cls(epoch=epoch, history=history, best_epoch=best_epoch,
-                   best_confusion=confusion, best_state=best_state)
+                   best_confusion=confusion, best_state=best_state, monitor=monitor)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

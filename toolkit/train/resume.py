@@ -22,6 +22,7 @@ from toolkit.train.progress import Progress
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_KEYS = {"format", "run", "state", "freezing", "model", "best", "optimizer",
                    "scaler"}
+OPTIONAL_KEYS = {"ema"}  # only with --ema (the run identity says whether it must be there)
 # which part of a run's identity a key belongs to (for the message when a resume differs)
 IDENTITY = {"classes": "other classes", "backbone": "another model",
             "backbone_options": "another model", "head": "another model",
@@ -31,12 +32,15 @@ IDENTITY = {"classes": "other classes", "backbone": "another model",
 
 
 def pack(*, identity: dict[str, Any], progress: Progress, freezing: Freezing,
-         model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
+         model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+         ema: nn.Module | None = None) -> dict[str, Any]:
     """The state a checkpoint holds after an epoch (the best weights only where they
-    differ from the current ones)."""
+    differ from the current ones; the EMA weights and their count with ``--ema``)."""
     current = model.state_dict()
     state, best = progress.to_checkpoint(current)
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     return {
+        **extra,
         "format": CHECKPOINT_FORMAT,
         "run": identity,
         "state": state,
@@ -59,7 +63,8 @@ def read(path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
     except TkError as exc:
         raise TkError(f"--resume: {exc}") from None
     where = f"--resume: the checkpoint {path}"
-    if not isinstance(saved, dict) or set(saved) != CHECKPOINT_KEYS:
+    if not isinstance(saved, dict) or not CHECKPOINT_KEYS <= set(saved) <= (
+            CHECKPOINT_KEYS | OPTIONAL_KEYS):
         raise TkError(f"{where} is not a tk training checkpoint (or an older tk wrote it); "
                       "start again without --resume")
     if saved["format"] != CHECKPOINT_FORMAT:
@@ -81,13 +86,20 @@ def read(path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
 def restore(saved: dict[str, Any], *, where: Path | None, model: nn.Module,
             freezing: Freezing, optimizer: torch.optim.Optimizer, scaler: Any,
             new_groups: Callable[[set[int]], list[dict[str, Any]]], epochs: int,
-            num_classes: int) -> Progress:
+            num_classes: int, monitor: str = "val_acc", ema: nn.Module | None = None
+            ) -> Progress:
     """Load ``saved`` into the run: model weights, progress (checked before the freeze
-    schedule is replayed, so an absurd epoch never loops), freezing, optimizer, scaler."""
+    schedule is replayed, so an absurd epoch never loops), freezing, optimizer, scaler,
+    and the EMA's weights with ``--ema``."""
     try:
         _load_model(model, saved["model"])
         progress = Progress.from_checkpoint(saved["state"], saved["best"], model.state_dict(),
-                                            epochs=epochs, num_classes=num_classes)
+                                            epochs=epochs, num_classes=num_classes,
+                                            monitor=monitor)
+        if ema is not None:
+            if "ema" not in saved:
+                raise TkError("it has no EMA weights")
+            _load_model(ema, saved["ema"])
         freezing.replay(progress.epoch, optimizer, new_groups)
         freezing.check_state(saved["freezing"], progress.epoch)
         _load_optimizer(optimizer, saved["optimizer"])

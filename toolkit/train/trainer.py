@@ -5,6 +5,8 @@ model and early stopping. Each job has its own part:
 - :class:`toolkit.train.loop.Loop`: one training epoch, one evaluation pass;
 - :class:`toolkit.train.progress.Progress`: history, best epoch and weights, early stop;
 - :class:`Nets`: the modules an epoch runs (compiled once, DDP-wrapped in one place);
+- :class:`Recipes`: the training recipes' state and hooks (EMA, MixUp/CutMix), so the loop
+  only sees two callables (the balanced sampler's weights go to the epoch sampler);
 - :mod:`toolkit.train.resume`: what a checkpoint holds, and restoring a run from one;
 - :mod:`toolkit.train.checkpoint`: storing and reading state faithfully;
 - :class:`Trainer`: the order of it all.
@@ -53,6 +55,17 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     quiet: bool = False
+    task: str = "single-label"  # or "multi-label"
+    accumulate: int = 1  # batches per optimizer step
+    ema: float | None = None  # EMA decay
+    mixup: float = 0.0  # MixUp alpha
+    cutmix: float = 0.0  # CutMix alpha
+    sample_weights: list[float] | None = None  # per training image (--sampler balanced)
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that picks the best epoch."""
+        return "val_map" if self.task == "multi-label" else "val_acc"
 
 
 @dataclass
@@ -64,6 +77,8 @@ class TrainResult:
     confusion: list[list[int]]
     stopped_early: bool = False
     frozen_groups_end: int = 0
+    # multi-label: validation (sigmoid scores [N, C], targets [N, C]) of the best weights
+    val_outputs: Any = None
 
 
 def seed_everything(seed: int) -> None:
@@ -121,6 +136,34 @@ class Nets:
             self.train = D.ddp(self.eval, self.device, find_unused=find_unused)
 
 
+class Recipes:
+    """The recipes' state and hooks: the EMA of the weights (``--ema``: torch's
+    ``AveragedModel`` with an EMA function, over params and buffers) and the batch mixer
+    (``--mixup`` / ``--cutmix``: torchvision.transforms.v2 on whole batches, soft
+    targets)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, num_classes: int):
+        self.ema: Any = None
+        self.mix: Any = None
+        if cfg.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
+            self._model = model
+        if cfg.mixup or cfg.cutmix:
+            from torchvision.transforms import v2
+
+            mixers = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup
+                      else []) + ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)]
+                                  if cfg.cutmix else [])
+            self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self._model)
+
+
 class Trainer:
     """Trains ``model`` (a toolkit.model.assemble Classifier) under ``freezing``.
 
@@ -159,9 +202,12 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.features_only = freezing.features_only
+        self._chosen: nn.Module = model  # the weights this epoch may keep as the best
         self.loop = Loop(loss_fn.to(device), num_classes, device, config.precision,
                          config.channels_last and not self.features_only, self.dist,
-                         config.epochs, quiet=config.quiet)
+                         config.epochs, quiet=config.quiet, task=config.task,
+                         accumulate=config.accumulate)
+        self.recipes: Recipes | None = None
 
     # -- the run -----------------------------------------------------------------------
     def fit(self, resume: bool = False, saved: dict[str, Any] | None = None) -> TrainResult:
@@ -176,7 +222,12 @@ class Trainer:
         val_loader = self._loader(self.val_set, train=False)
         if len(train_loader) == 0:
             raise TkError("the training set is empty after the split")
-        schedule = Schedule.make(cfg.lr, len(train_loader), cfg.epochs, cfg.warmup_epochs)
+        schedule = Schedule.make(cfg.lr, len(train_loader), cfg.epochs, cfg.warmup_epochs,
+                                 cfg.accumulate)
+        self.recipes = Recipes(cfg, self.model, self.num_classes)
+        self.loop.mix = self.recipes.mix
+        self.loop.after_step = self.recipes.after_step if self.recipes.ema is not None \
+            else None
         opt, scaler, progress = self._start(resume, saved)
         nets = Nets(self._trainable(), self.device, self.dist, compile=cfg.compile,
                     find_unused=bool(self.freezing.unfreeze_at))
@@ -187,18 +238,24 @@ class Trainer:
             metrics, confusion = self._epoch(epoch, nets, train_loader, val_loader, opt,
                                              scaler, schedule, first_resumed=resume and
                                              epoch == progress.epoch + 1)
-            improved = progress.record(epoch, metrics, confusion, self.model)
+            improved = progress.record(epoch, metrics, confusion, self._chosen)
             self._end_epoch(progress, metrics, improved, opt, scaler)
             if progress.should_stop(cfg.patience, cfg.epochs):
                 if self.dist.is_main:
-                    self.log(f"early stopping: no val-accuracy gain for {cfg.patience} epochs")
+                    what = "val mAP" if cfg.monitor == "val_map" else "val-accuracy"
+                    self.log(f"early stopping: no {what} gain for {cfg.patience} epochs")
                 stopped_early = True
                 break
         assert progress.best_state is not None and progress.best_confusion is not None
+        val_outputs = None
+        if cfg.task == "multi-label":  # the best weights' scores, for the thresholds
+            self.model.load_state_dict(progress.best_state)
+            self.loop.evaluate(nets.eval, val_loader)
+            val_outputs = self.loop.last_outputs
         return TrainResult(history=progress.history, best_epoch=progress.best_epoch,
                            best_metrics=progress.best_metrics, best_state=progress.best_state,
                            confusion=progress.best_confusion, stopped_early=stopped_early,
-                           frozen_groups_end=self.freezing.frozen)
+                           frozen_groups_end=self.freezing.frozen, val_outputs=val_outputs)
 
     def _trainable(self) -> nn.Module:
         return self.model.head if self.features_only else self.model
@@ -210,7 +267,8 @@ class Trainer:
         seeded = train and not self.features_only
         sampler = D.EpochSampler(len(dataset), seed=self.cfg.seed, shuffle=train,
                                  rank=self.dist.rank, world_size=self.dist.world_size, pad=train,
-                                 with_epoch=seeded)
+                                 with_epoch=seeded,
+                                 weights=self.cfg.sample_weights if train else None)
         return make_loader(
             SampleSeeded(dataset, self.cfg.seed) if seeded else dataset,
             self.cfg.batch_size,
@@ -262,9 +320,30 @@ class Trainer:
             raise TkError(f"--resume: the optimizer state in {self.checkpoint} does not fit "
                           f"this run ({why}); start again without --resume") from None
         val_metrics, confusion = self.loop.evaluate(nets.eval, val_loader, epoch)
+        self._chosen = self.model
+        if self.recipes is not None and self.recipes.ema is not None:
+            val_metrics, confusion = self._with_ema(val_metrics, confusion, val_loader, epoch)
         metrics = {"epoch": epoch, **train_metrics, **val_metrics,
                    "epoch_time": time.perf_counter() - t0}
         return metrics, confusion
+
+    def _with_ema(self, raw: dict[str, Any], confusion: torch.Tensor, val_loader: Any,
+                  epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
+        """Validate the EMA weights too; the epoch's validation metrics (and the weights
+        that may become the best) are the better of the two, by the monitored metric.
+        Both are recorded: ``raw_val_*``, ``ema_val_*``, ``ema`` (1: the EMA's)."""
+        assert self.recipes is not None
+        ema_module = self.recipes.ema.module
+        ema_metrics, ema_confusion = self.loop.evaluate(
+            ema_module.head if self.features_only else ema_module, val_loader, epoch)
+        key = self.cfg.monitor
+        use_ema = ema_metrics[key] > raw[key]
+        chosen = dict(ema_metrics if use_ema else raw)
+        chosen.update({"ema": 1.0 if use_ema else 0.0, f"raw_{key}": raw[key],
+                       "raw_val_loss": raw["val_loss"], f"ema_{key}": ema_metrics[key],
+                       "ema_val_loss": ema_metrics["val_loss"]})
+        self._chosen = ema_module if use_ema else self.model
+        return chosen, ema_confusion if use_ema else confusion
 
     def _end_epoch(self, progress: Progress, metrics: dict[str, Any], improved: bool,
                    opt: torch.optim.Optimizer, scaler: Any) -> None:
@@ -280,6 +359,11 @@ class Trainer:
         if self.cfg.quiet:
             return
         top5 = f" top5 {m['val_top5']:.3f}" if "val_top5" in m else ""
+        if "val_map" in m:
+            top5 += f" mAP {m['val_map']:.3f} F1 {m['val_f1_micro']:.3f}"
+        if "ema" in m:
+            top5 += " (EMA)" if m["ema"] else " (raw; EMA " + \
+                f"{m['ema_' + self.cfg.monitor]:.3f})"
         self.log(
             f"epoch {m['epoch']}/{self.cfg.epochs}  train loss {m['train_loss']:.4f} "
             f"acc {m['train_acc']:.3f}  val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}"
@@ -293,7 +377,8 @@ class Trainer:
         assert self.checkpoint is not None
         save_checkpoint(self.checkpoint, resume_mod.pack(
             identity=self.identity, progress=progress, freezing=self.freezing,
-            model=self.model, optimizer=opt, scaler=scaler))
+            model=self.model, optimizer=opt, scaler=scaler,
+            ema=self.recipes.ema if self.recipes is not None else None))
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The run's checkpoint (rank 0), its format and identity checked: a resume with
@@ -309,13 +394,14 @@ class Trainer:
         opt = self._optimizer()
         scaler = grad_scaler(self.device, self.cfg.precision)
         if not resume:
-            return opt, scaler, Progress()
+            return opt, scaler, Progress(monitor=self.cfg.monitor)
         saved = D.broadcast_object(saved if self.dist.is_main else None)
         assert saved is not None
         progress = resume_mod.restore(
             saved, where=self.checkpoint, model=self.model, freezing=self.freezing,
             optimizer=opt, scaler=scaler, new_groups=self._new_groups,
-            epochs=self.cfg.epochs, num_classes=self.num_classes)
+            epochs=self.cfg.epochs, num_classes=self.num_classes, monitor=self.cfg.monitor,
+            ema=self.recipes.ema if self.recipes is not None else None)
         if self.dist.is_main:
             self.log(f"resuming after epoch {progress.epoch} of {self.cfg.epochs} from "
                      f"{self.checkpoint}")

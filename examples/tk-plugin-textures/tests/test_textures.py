@@ -211,7 +211,12 @@ def test_a_tiny_finetune_uses_every_component_and_the_observer(tmp_path):
     journal = tmp_path / "journal.jsonl"
     run = tiny_finetune("texture-cnn", classes=2, dataset="textures", head="cosine",
                         loss="poly1", optimizer="lion", opts=["dataset.per_class=6"],
+                        extra_args=["--log", "journal"],
                         home=tmp_path, env={"TK_TEXTURES_JOURNAL": str(journal)})
     assert run.metadata is not None and run.metadata["classes"] == ["stripes-h", "stripes-v"]
     events = [json.loads(line)["event"] for line in journal.read_text().splitlines()]
-    assert events == ["train_start", "epoch_end", "model_saved"]
+    assert events == ["train_start", "epoch_end", "model_saved", "train_end"]
+    logged = run.store / "runs" / run.name / "logs" / "journal.jsonl"  # --log journal
+    lines = [json.loads(line) for line in logged.read_text().splitlines()]
+    assert [line["event"] for line in lines] == events
+    assert lines[-1]["status"] == "finished" and lines[2]["artifacts"] == ["confusion", "curves"]

@@ -10,7 +10,10 @@ key/values: ONNX ``metadata_props``, or in the PyTorch archives the extra file
 ``tk.format``         ``onnx``, ``pt2`` or ``torchscript``
 ``tk.precision``      ``fp32`` or ``int8``
 ``tk.classes``        JSON list of class names, index = output column
-``tk.task``           ``single-label`` (softmax over the logits) or what the model says
+``tk.task``           ``single-label`` (softmax over the logits) or ``multi-label``
+                      (a sigmoid per class)
+``tk.thresholds``     multi-label only: JSON list of per-class decision thresholds on the
+                      sigmoid scores (a class is predicted when its score reaches its own)
 ``tk.preprocess``     JSON: ``input_name``, ``output_name``, ``layout`` (``NCHW``),
                       ``dtype`` (``uint8``), ``channels`` (``RGB``), ``input_size``
                       ``[3,H,W]``, ``resize`` (short side, or ``[h,w]`` for non-square
@@ -58,7 +61,7 @@ ONNX_EXTRA = "onnx"
 ONNX_INSTALL = "pip install 'tk-microtoolkit[onnx]'"
 
 _REQUIRED = ("format", "precision", "classes", "preprocess", "source", "tk_version")
-_JSON_KEYS = ("classes", "preprocess", "calibration", "source", "parity")
+_JSON_KEYS = ("classes", "preprocess", "calibration", "source", "parity", "thresholds")
 
 
 class ExportFileError(TkError):
@@ -85,6 +88,7 @@ class ExportInfo:
     task: str = "single-label"
     parity: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    thresholds: list[float] | None = None  # multi-label: per class
     exported: str = ""
     props: dict[str, str] = field(default_factory=dict)  # the raw key/values
 
@@ -120,7 +124,8 @@ def build_metadata(*, format: str, precision: str, classes: list[str],
                    preprocess: Mapping[str, Any], source: Mapping[str, Any], tk_version: str,
                    exported: str, task: str = "single-label",
                    parity: Mapping[str, Any] | None = None,
-                   calibration: Mapping[str, Any] | None = None) -> dict[str, str]:
+                   calibration: Mapping[str, Any] | None = None,
+                   thresholds: list[float] | None = None) -> dict[str, str]:
     """The key/values (strings) an export carries; :func:`parse_metadata` reads them back."""
     values: dict[str, Any] = {
         "format_version": str(SCHEMA_VERSION), "format": format, "precision": precision,
@@ -130,6 +135,8 @@ def build_metadata(*, format: str, precision: str, classes: list[str],
     }
     if calibration:
         values["calibration"] = dict(calibration)
+    if thresholds is not None:
+        values["thresholds"] = [float(t) for t in thresholds]
     return {PREFIX + k: (json.dumps(v, sort_keys=True) if k in _JSON_KEYS else str(v))
             for k, v in values.items()}
 
@@ -193,8 +200,20 @@ def parse_metadata(props: Mapping[str, str], path: str | os.PathLike[str]) -> Ex
         classes=list(classes), preprocess=pre, source=values["source"],
         tk_version=props[PREFIX + "tk_version"], task=props.get(PREFIX + "task", "single-label"),
         parity=values.get("parity", {}), calibration=values.get("calibration", {}),
+        thresholds=_thresholds(values.get("thresholds"), len(classes), where),
         exported=props.get(PREFIX + "exported", ""),
         props={k: v for k, v in props.items() if k.startswith(PREFIX)})
+
+
+def _thresholds(value: Any, n: int, where: str) -> list[float] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == n and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
+            for t in value)):
+        raise ExportFileError(f"{where}: damaged tk metadata ({PREFIX}thresholds is not one "
+                              "number in 0..1 per class); re-export the model")
+    return [float(t) for t in value]
 
 
 def read_export(path: str | os.PathLike[str]) -> ExportInfo:
@@ -215,12 +234,15 @@ def read_export(path: str | os.PathLike[str]) -> ExportInfo:
     return parse_metadata(read_onnx_props(p), p)
 
 
-def open_onnx_session(path: str | os.PathLike[str], *, providers: list[str] | None = None,
-                      threads: int | None = None) -> tuple[Any, ExportInfo]:
+def open_onnx_session(path: str | os.PathLike[str], *, providers: list[Any] | None = None,
+                      threads: int | None = None, spinning: bool = True
+                      ) -> tuple[Any, ExportInfo]:
     """``(onnxruntime.InferenceSession, ExportInfo)`` for an ONNX export: its metadata is
     checked first (cheap, clear errors), then ONNX Runtime loads the graph (a damaged graph
     is one line too). ``providers``: ONNX Runtime execution providers [CPU];
-    ``threads``: intra-op threads [ONNX Runtime's choice]."""
+    ``threads``: intra-op threads [ONNX Runtime's choice]; ``spinning=False``: the
+    intra-op threads sleep between runs instead of busy-waiting (leaves the cores to other
+    processes, such as decoding workers)."""
     info = read_export(path)
     if info.format != "onnx":
         raise ExportFileError(f"{path}: a {info.format} export, not ONNX; export the model with "
@@ -232,6 +254,8 @@ def open_onnx_session(path: str | os.PathLike[str], *, providers: list[str] | No
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options,
                                        providers=providers or ["CPUExecutionProvider"])

@@ -97,7 +97,9 @@ def from_dataset(dataset: Any, k: int, warn: Log) -> Iterator[tuple[Image, int |
         if not isinstance(img, PILImage):
             raise DataError(f"the dataset returns {type(img).__name__}, not PIL images, "
                             "given an identity transform")
-        yield img, int(label)
+        # a multi-label target (multi-hot) is no single class: no accuracy is reported
+        yield img, int(label) if getattr(label, "ndim", 0) == 0 and not isinstance(
+            label, (tuple, list)) else None
 
 
 def folder_images(folder: str | os.PathLike[str], classes: list[str]

@@ -188,8 +188,8 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
 
     from model_store.fileformat import sha256_file
     from model_store.metadata import now_iso
-    from toolkit import __version__
     from toolkit.model.loading import load_model
+    from toolkit.version import __version__
 
     loaded = load_model(args.model, store, plugins=plugins, device="cpu")
     parity_set, calib_set, notes = _image_sets(args, loaded, plugins, calibrate, calib_files,
@@ -212,7 +212,7 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
                               classes=list(loaded.classes), preprocess=preprocess,
                               source=source, tk_version=__version__, exported=now_iso(),
                               task=str(meta.get("task", "single-label")), parity=parity,
-                              calibration=calibration)
+                              calibration=calibration, thresholds=meta.get("thresholds"))
 
     log(f"exporting '{args.model}' ({loaded.spec.backbone}, {h}x{w}) to {args.format}; "
         f"checking it on {len(parity_set)} {parity_set.source}")

@@ -126,7 +126,28 @@ def tk_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
 
 
 @hookimpl
-def tk_model_saved(name: str, path: str, metadata: dict[str, Any]) -> None:
+def tk_model_saved(name: str, path: str, metadata: dict[str, Any],
+                   artifacts: dict[str, str]) -> None:
     from tk_textures.journal import record
 
-    record("model_saved", name=name, path=path, metadata_keys=sorted(metadata))
+    record("model_saved", name=name, path=path, metadata_keys=sorted(metadata),
+           artifacts=sorted(artifacts))
+
+
+@hookimpl
+def tk_train_end(name: str, status: str) -> None:
+    from tk_textures.journal import record
+
+    record("train_end", name=name, status=status)
+
+
+# -- a logger: `tk finetune --log journal` ----------------------------------------------------
+def _journal_logger(log_dir: str, run_name: str) -> Any:
+    from tk_textures.journal import JournalLogger
+
+    return JournalLogger(log_dir, run_name)
+
+
+@hookimpl
+def tk_register_loggers(register: Any) -> None:
+    register("journal", _journal_logger, description="journal.jsonl in the run's log folder")
