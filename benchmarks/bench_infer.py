@@ -8,8 +8,11 @@ same batch size and the same number of decoding workers:
 - tutorial loop: ``torchvision.datasets.ImageFolder`` + PIL + ``transforms.Compose([Resize,
   CenterCrop, ToTensor, Normalize])`` + ``DataLoader`` + ``model(x).argmax(1)`` under
   ``torch.no_grad()``, as the tutorials write it;
-- tk, Python API: ``toolkit.predict.runner.predict`` (default ``pil`` decoder: exact eval
-  transform), and again with ``decode="draft"`` (reduced-size JPEG decoding);
+- tk, Python API: ``toolkit.predict.runner.predict`` with its defaults (``--decode auto``:
+  reduced-size JPEG decoding only of files at least twice the size the model needs;
+  channels-last auto), with the settings before issue 15 (``--decode pil`` exact decoding,
+  contiguous layout), and with ``decode="draft"`` (reduced-size decoding down to the size
+  needed); each on its own copy of the model (channels-last converts a model in place);
 - tk, CLI: ``python -m toolkit infer DIR --format jsonl -o FILE`` in a subprocess, end to
   end (its wall time includes starting Python, importing torch and loading the model);
 - tk's decoding workers alone (:func:`toolkit.data.batches.iter_batches`: decode, resize,
@@ -21,7 +24,8 @@ same batch size and the same number of decoding workers:
   FILE.onnx``: same decoding workers, no torch), and through the CLI end to end.
 
 The folder holds photo-like images (gradients, shapes and noise, JPEG quality 90) made on
-the first run, or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
+the first run, ``--photos``: crops of real photographs (benchmarks/photos.py, needs
+scikit-learn), or ``--images-dir`` (any folder of JPEGs; its images are used as they are).
 The model is a randomly initialised torchvision resnet18 (10 classes) saved to a temporary
 store, or ``--model NAME`` from ``--store``.
 
@@ -106,7 +110,18 @@ def save_random_resnet18(store_dir: Path, image_size: int | None = None) -> str:
     return "bench-resnet18"
 
 
-KEYS = ("raw", "tutorial", "tk", "draft", "cli", "onnx", "int8", "cli-onnx", "decode")
+def make_folder(folder: Path, n: int, size: tuple[int, int], photos: bool) -> None:
+    """Generated photo-like JPEGs, or (``photos``) crops of real photographs."""
+    if photos:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from photos import photo_jpegs
+
+        photo_jpegs(folder, n, size)
+    else:
+        make_images(folder, n, size)
+
+
+KEYS = ("raw", "tutorial", "tk", "auto", "draft", "cli", "onnx", "int8", "cli-onnx", "decode")
 
 
 def export_onnx(name: str, store_dir: Path, out: Path, calibrate: Path, int8: bool) -> Path:
@@ -127,6 +142,15 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def tk_model_copies(loaded):
+    """A copy of ``loaded`` per tk pipeline (decode, channels_last): channels-last converts
+    a model in place, and the raw-forward and tutorial baselines keep the original."""
+    import copy
+
+    return {key: copy.deepcopy(loaded)
+            for key in (("pil", False), ("auto", None), ("draft", None))}
+
+
 def main() -> None:
     from toolkit.predict.runner import default_workers
 
@@ -134,6 +158,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="images to generate [200]")
     ap.add_argument("--size", default="1024x768", help="generated image size WxH")
     ap.add_argument("--images-dir", type=Path, help="use this folder of JPEGs instead")
+    ap.add_argument("--photos", action="store_true",
+                    help="make the images from real photographs (benchmarks/photos.py)")
     ap.add_argument("--model", help="stored model (default: random resnet18, temp store)")
     ap.add_argument("--image-size", type=int,
                     help="input size of the random resnet18 (default: its 224)")
@@ -170,7 +196,7 @@ def main() -> None:
         w, h = (int(v) for v in opts.size.lower().split("x"))
         root = tmp / "images"
         print(f"making {opts.images} JPEGs of {w}x{h} in {root} ...", file=sys.stderr)
-        make_images(root / "photos", opts.images, (w, h))  # ImageFolder wants a class dir
+        make_folder(root / "photos", opts.images, (w, h), opts.photos)  # ImageFolder: a class
     if opts.model:
         store_dir, name = opts.store, opts.model
     else:
@@ -179,6 +205,7 @@ def main() -> None:
     plugins = load_plugins()
     device = resolve_device(opts.device)
     loaded = load_model(name, store_dir, plugins=plugins, device=device)
+    copies = tk_model_copies(loaded)
     model = loaded.model.eval()
     dc = loaded.data_config
     files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in (".jpg",
@@ -215,9 +242,10 @@ def main() -> None:
         return preds
 
     # (c) tk
-    def tk_api(decode: str) -> list[str]:
-        return [r.label for r in predict(loaded, [root], batch_size=bs, workers=workers,
-                                         device=str(device), decode=decode)]
+    def tk_api(decode: str, channels_last: bool | None = None) -> list[str]:
+        return [r.label for r in predict(copies[decode, channels_last], [root], batch_size=bs,
+                                         workers=workers, device=str(device), decode=decode,
+                                         channels_last=channels_last)]
 
     out = tmp / "out.jsonl"
     env = dict(os.environ)
@@ -273,9 +301,11 @@ def main() -> None:
     candidates = {
         "raw": ("raw forward (tensors in memory)", raw),
         "tutorial": ("tutorial loop (ImageFolder + PIL + DataLoader)", tutorial),
-        "tk": ("tk infer, torch runtime, Python API (exact, --decode pil)",
-               lambda: tk_api("pil")),
-        "draft": ("tk infer, torch runtime, Python API (--decode draft)",
+        "tk": ("tk infer, torch runtime, Python API (before: --decode pil "
+               "--no-channels-last)", lambda: tk_api("pil", False)),
+        "auto": ("tk infer, torch runtime, Python API (defaults: --decode auto, "
+                 "channels-last auto)", lambda: tk_api("auto")),
+        "draft": ("tk infer, torch runtime, Python API (--decode draft, channels-last auto)",
                   lambda: tk_api("draft")),
         "cli": ("tk infer, torch runtime, CLI end to end (process start included)", cli),
         "onnx": ("tk infer --model FILE.onnx, ONNX Runtime fp32, Python API",
@@ -323,8 +353,8 @@ def main() -> None:
     for label, t in results:
         rate = n / t
         print(f"| {label} | {rate:.1f} | {rate / raw_rate:.2f} | {rate / tut_rate:.2f} |")
-    pairs = [agreement("tutorial", "tk"), agreement("tk", "draft"), agreement("tk", "onnx"),
-             agreement("onnx", "int8"), agreement("tutorial", "onnx")]
+    pairs = [agreement("tutorial", "tk"), agreement("tk", "auto"), agreement("tk", "draft"),
+             agreement("tk", "onnx"), agreement("onnx", "int8"), agreement("tutorial", "onnx")]
     print("\ntop-1 agreement: " + "; ".join(p for p in pairs if p))
     if opts.keep:
         print(f"kept {tmp}", file=sys.stderr)

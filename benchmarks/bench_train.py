@@ -11,10 +11,17 @@ The baseline is the loop the tutorials write: ``torchvision.datasets.ImageFolder
 - input: 64 px (``tk --image-size 64``); training augmentation random-resized-crop (scale
   0.5-1) + horizontal flip + colour jitter 0.2, evaluation resize to 73 + centre crop 64,
   ImageNet normalisation (what tk builds from resnet18's data config);
-- batch size, number of DataLoader workers, AdamW with the same lr and weight decay,
-  the same number of epochs, the same thread settings (``--threads`` sets OMP_NUM_THREADS
-  and torch's thread count for both; default: torch's default for both);
+- batch size, AdamW with the same lr and weight decay, the same number of epochs, the same
+  thread settings (``--threads`` sets OMP_NUM_THREADS and torch's thread count for both;
+  default: torch's default for both);
 - each run in a fresh Python subprocess.
+
+tk runs with its defaults for everything that is about speed (``--tk-defaults``, the
+default): precision, channels-last and DataLoader workers are what tk picks for the machine
+(printed in the table); the baseline is the plain fp32 loop with ``--workers`` DataLoader
+workers (default: as many as tk picks, min(4, cores)). ``--no-tk-defaults`` gives tk the
+baseline's settings instead (``--precision 32 --no-channels-last --workers N``), the
+like-for-like comparison of the two loops.
 
 Epoch time = one training pass + one validation pass, timed inside the process (tk: the
 ``epoch_time`` of ``tk finetune --json``'s history; baseline: the same span around its
@@ -206,11 +213,13 @@ def run_tk(cfg: dict[str, Any], env: dict[str, str], store: Path) -> dict[str, A
            "--classes", str(cfg["classes"]), "--data", cfg["data"], "--no-pretrained",
            "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
            "--lr", str(cfg["lr"]), "--weight-decay", str(cfg["weight_decay"]),
-           "--image-size", str(cfg["image_size"]), "--workers", str(cfg["workers"]),
+           "--image-size", str(cfg["image_size"]),
            "--freeze", cfg["freeze"], "--seed", str(cfg["seed"]), "--device", cfg["device"],
            "--store", str(store), "--name", "bench", "--overwrite", "--json"]
     if not cfg["augment"]:
         cmd.append("--no-augment")
+    if not cfg["tk_defaults"]:
+        cmd += ["--precision", "32", "--no-channels-last", "--workers", str(cfg["workers"])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -218,7 +227,11 @@ def run_tk(cfg: dict[str, Any], env: dict[str, str], store: Path) -> dict[str, A
         raise SystemExit(f"tk finetune failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     m = re.search(r"feature cache: computed \d+ feature vectors in ([0-9.]+)s", proc.stderr)
+    chosen = re.search(r"precision (\S+)(?: \(auto\))?, channels-last (\S+)(?: \(auto\))?, "
+                       r"(\d+) workers", proc.stderr)
     return {"history": result["history"], "wall": wall,
+            "settings": (f"{chosen.group(1)}, channels-last {chosen.group(2)}, "
+                         f"{chosen.group(3)} workers") if chosen else "?",
             "features_s": float(m.group(1)) if m else None,
             "cache_used": "feature cache:" in proc.stderr}
 
@@ -260,7 +273,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs per run; the first is warm-up [3]")
     parser.add_argument("--batch-size", type=int, default=32, help="[32]")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers [0]")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the baseline's DataLoader workers [min(4, cores), tk's rule]")
+    parser.add_argument("--tk-defaults", action=argparse.BooleanOptionalAction, default=True,
+                        help="tk picks precision, channels-last and workers itself [on]; "
+                             "--no-tk-defaults: tk gets the baseline's fp32, contiguous, "
+                             "--workers")
     parser.add_argument("--image-size", type=int, default=64, help="[64]")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr [1e-3]")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="[0.05]")
@@ -289,6 +307,9 @@ def main() -> None:
         parser.error(f"--cases: unknown {', '.join(bad) or '(none)'} (use none, all, cache)")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first one is warm-up)")
+    if args.workers is None:
+        args.workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
 
     with tempfile.TemporaryDirectory(prefix="tk-bench-train-") as tmp:
         work = Path(tmp)
@@ -303,7 +324,8 @@ def main() -> None:
                     "batch_size": args.batch_size, "workers": args.workers,
                     "image_size": args.image_size, "lr": args.lr,
                     "weight_decay": args.weight_decay, "seed": 0, "threads": args.threads,
-                    "device": args.device, "pin_memory": args.pin_memory}
+                    "device": args.device, "pin_memory": args.pin_memory,
+                    "tk_defaults": args.tk_defaults}
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
             c: {"baseline": [], "tk": []} for c in cases}
         for r in range(args.repeat):
@@ -328,19 +350,22 @@ def main() -> None:
     print("\n### `tk finetune` vs a plain PyTorch loop: seconds per epoch (train + val)\n")
     print(f"resnet18 (random init), {args.samples - n_val} train + {n_val} val images of "
           f"{args.image_size} px read from PNG files, batch {args.batch_size}, "
-          f"{args.workers} DataLoader workers, AdamW lr {args.lr}, {args.epochs} epochs "
+          f"baseline fp32 with {args.workers} DataLoader workers, tk "
+          f"{'with its defaults' if args.tk_defaults else 'with the same settings'}, "
+          f"AdamW lr {args.lr}, {args.epochs} epochs "
           f"(first dropped as warm-up), median over {args.repeat} run(s) of each side; "
           f"device {_device_name(args.device)}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'torch default'}.\n")
     labels = {"none": "`--freeze none`", "all": "`--freeze all`",
               "cache": "`--freeze all --no-augment` (tk: feature cache)"}
-    print("| case | baseline s/epoch | tk s/epoch | tk / baseline | val acc baseline / tk |")
-    print("|---|---:|---:|---:|---|")
+    print("| case | baseline s/epoch | tk s/epoch | tk / baseline | val acc baseline / tk "
+          "| tk's settings |")
+    print("|---|---:|---:|---:|---|---|")
     for case in cases:
         b, t = results[case]["baseline"], results[case]["tk"]
         bl, tl = _later(b), _later(t)
         print(f"| {labels[case]} | {_s(bl)} | {_s(tl)} | {tl / bl:.2f} | "
-              f"{_acc(b):.2f} / {_acc(t):.2f} |")
+              f"{_acc(b):.2f} / {_acc(t):.2f} | {t[0]['settings']} |")
     if "cache" in cases:
         t = results["cache"]["tk"]
         b = results["cache"]["baseline"]

@@ -81,3 +81,11 @@ def names(name: str, env: Mapping[str, str] | None = None) -> list[str] | None:
     if raw is None:
         return None
     return [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask; else all of the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

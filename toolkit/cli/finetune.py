@@ -52,13 +52,17 @@ def _lr_value(value: str) -> float | str:
               help="Start from pretrained weights (default) or random ones.")
 @click.option("--weights", type=click.Path(), help="Load pretrained weights from this file.")
 @click.option("--device", help="auto | cpu | cuda | cuda:N | mps [auto].")
-@click.option("--precision", type=click.Choice(["32", "bf16-mixed", "16-mixed"]),
-              help="Training precision [32].")
-@click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format.")
+@click.option("--precision", type=click.Choice(["auto", "32", "bf16-mixed", "16-mixed"]),
+              help="Training precision [auto: bf16-mixed where the device computes bf16 "
+                   "natively, else 32].")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last memory format [auto: on for convolutional backbones on "
+                   "CPU and CUDA].")
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--image-size", type=int, help="Input size (default: the data's or the weights').")
 @click.option("--val-split", type=float, help="Validation fraction, stratified [0.2].")
-@click.option("--workers", type=int, help="DataLoader worker processes [0].")
+@click.option("--workers", type=int,
+              help="DataLoader worker processes [auto: the usable cores, at most 4].")
 @click.option("--seed", type=int, help="Random seed, 0 .. 2**32-1 [0].")
 @click.option("--patience", type=int, help="Early stopping after N epochs without gain.")
 @click.option("--warmup-epochs", type=float, help="LR warm-up epochs before cosine decay [1].")

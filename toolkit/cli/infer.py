@@ -31,12 +31,16 @@ def _runtime_options(func: Any, *, exported: bool = False) -> Any:
                      help="auto | cpu | cuda | cuda:N | mps."),
         click.option("--precision", type=click.Choice(_PRECISIONS), default="32",
                      show_default=True, help="Autocast precision of the forward pass."),
-        click.option("--channels-last", is_flag=True, help="channels_last memory format."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="channels_last memory format [auto: on for convolutional models "
+                     "on CPU and CUDA]."),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="Decoding worker processes [min(4, CPU cores)]."),
-        click.option("--decode", type=click.Choice(_DECODERS), default="pil",
+        click.option("--decode", type=click.Choice(_DECODERS), default="auto",
                      show_default=True,
-                     help="pil: exact eval transform; draft: reduced-size decoding of large "
+                     help="auto: reduced-size decoding only of JPEGs at least twice the size "
+                     "the model needs, still at least twice that size; pil: exact eval "
+                     "transform; draft: reduced-size decoding of large "
                      "JPEGs (faster, pixels differ slightly); torchvision: JPEGs decoded on "
                      "the model's device (nvJPEG on CUDA)."),
         click.option("--tta", is_flag=True,
@@ -79,7 +83,7 @@ def _runtime_options(func: Any, *, exported: bool = False) -> Any:
 def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | None,
                   batch_size: int, topk: int, fmt: str | None, output: Path | None,
                   resume: bool, csv_raw: bool, runtime: str, device: str, precision: str,
-                  channels_last: bool, workers: int | None, decode: str, quiet: bool,
+                  channels_last: bool | None, workers: int | None, decode: str, quiet: bool,
                   tta: bool, min_score: float | None, calibration: bool) -> None:
     """Predict a class for every image under PATH... (files, folders, glob patterns).
 
@@ -140,7 +144,7 @@ def infer_command(inputs: tuple[str, ...], model: str | None, store_dir: Path | 
               help="Also draw the confusion matrix into this PNG file.")
 def eval_command(model: str | None, store_dir: Path | None, data: Path, as_json: bool,
                  png: Path | None, batch_size: int, device: str, precision: str,
-                 channels_last: bool, workers: int | None, decode: str, quiet: bool,
+                 channels_last: bool | None, workers: int | None, decode: str, quiet: bool,
                  tta: bool) -> None:
     """Accuracy, per-class precision / recall / F1 and confusion matrix of a stored model
     on a labelled image folder.

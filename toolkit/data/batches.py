@@ -39,21 +39,25 @@ if TYPE_CHECKING:
 
     from toolkit.data.transforms import EvalTransform
 
-DECODERS = ("pil", "draft", "torchvision")
-"""``pil``: full-size decoding, exact eval transform; ``draft``: reduced-size JPEG decoding
-(libjpeg DCT scaling, never below the resize size); ``torchvision``: plain JPEGs handed to
-the runtime as bytes (decoded on the device), other files as ``pil``."""
+DECODERS = ("auto", "pil", "draft", "torchvision")
+"""``auto`` (the default): reduced-size JPEG decoding only where the file is at least
+:data:`AUTO_DRAFT_MARGIN` times the size the resize needs, and never below that margin (so
+the resize still antialiases from at least twice its output), full-size decoding otherwise;
+``pil``: full-size decoding, exact eval transform; ``draft``: reduced-size JPEG decoding
+(libjpeg DCT scaling by 1/2, 1/4 or 1/8, never below the resize size); ``torchvision``:
+plain JPEGs handed to the runtime as bytes (decoded on the device), other files as
+``pil``."""
+
+AUTO_DRAFT_MARGIN = 2
 
 CROP, JPEG, ERROR = 0, 1, 2  # what a file became
 
 
 def default_workers() -> int:
     """``min(4, usable CPU cores)``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus))
+    from toolkit.env import usable_cpus
+
+    return max(0, min(4, usable_cpus()))
 
 
 @dataclass
@@ -62,11 +66,18 @@ class Preparer:
     Picklable (a transform of numbers and strings and a decoder name)."""
 
     transform: EvalTransform
-    decode: str = "pil"
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.decode not in DECODERS:
             raise TkError(f"--decode {self.decode}: expected one of {', '.join(DECODERS)}")
+
+    @property
+    def draft_size(self) -> int | None:
+        """The short side reduced-size JPEG decoding may go down to (None: full size)."""
+        if self.decode == "auto":
+            return AUTO_DRAFT_MARGIN * self.transform.draft_size
+        return self.transform.draft_size if self.decode == "draft" else None
 
     def __call__(self, path: str) -> tuple[int, Any]:
         from toolkit.data.decode import load_image, plain_jpeg_bytes
@@ -76,8 +87,7 @@ class Preparer:
                 raw = plain_jpeg_bytes(path)
                 if raw is not None:
                     return JPEG, raw
-            draft = self.transform.draft_size if self.decode == "draft" else None
-            return CROP, self.transform.crop(load_image(path, draft_size=draft))
+            return CROP, self.transform.crop(load_image(path, draft_size=self.draft_size))
         except TkError as exc:
             return ERROR, getattr(exc, "reason", None) or str(exc)
         except MemoryError:

@@ -165,8 +165,8 @@ def manifest_files(data: str | os.PathLike[str], classes: list[str], plugins: An
 
 def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugins: Any, *,
                         batch_size: int = 32, device: Any = "auto", precision: str = "32",
-                        channels_last: bool = False, workers: int | None = None,
-                        decode: str = "pil", warn: Warn = warn_stderr,
+                        channels_last: bool | None = None, workers: int | None = None,
+                        decode: str = "auto", warn: Warn = warn_stderr,
                         progress: bool = False, tta: bool = False) -> MultiLabelReport:
     """Evaluate multi-label ``loaded`` on the manifest ``data`` (scores from the same runner
     as `tk infer`, metrics from :mod:`toolkit.metrics`)."""
@@ -231,8 +231,8 @@ def format_multilabel(report: MultiLabelReport) -> str:
 
 
 def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: int = 32,
-             device: Any = "auto", precision: str = "32", channels_last: bool = False,
-             workers: int | None = None, decode: str = "pil", warn: Warn = warn_stderr,
+             device: Any = "auto", precision: str = "32", channels_last: bool | None = None,
+             workers: int | None = None, decode: str = "auto", warn: Warn = warn_stderr,
              progress: bool = False, tta: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
@@ -289,9 +289,9 @@ class EvalArgs:
     batch_size: int = 32
     device: str = "auto"
     precision: str = "32"
-    channels_last: bool = False
+    channels_last: bool | None = None
     workers: int | None = None
-    decode: str = "pil"
+    decode: str = "auto"
     quiet: bool = False
     tta: bool = False
 

@@ -54,9 +54,9 @@ class InferArgs:
     resume: bool = False
     device: str = "auto"
     precision: str = "32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: auto (convolutional models on CPU/CUDA)
     workers: int | None = None
-    decode: str = "pil"
+    decode: str = "auto"
     quiet: bool = False
     csv_raw: bool = False
     runtime: str = "auto"  # auto: onnx for an exported file, torch for a stored model

@@ -119,7 +119,7 @@ class Runner:
 
     def __init__(self, runtime: Runtime, transform: EvalTransform, classes: Sequence[str], *,
                  batch_size: int = 32, topk: int = 1, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr,
+                 decode: str = "auto", warn: Warn = warn_stderr,
                  scoring: Scoring | None = None, keep_outputs: bool = False,
                  thresholds: Sequence[float] | None = None):
         if int(batch_size) < 1:
@@ -276,8 +276,8 @@ class Predictor(Runner):
 
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, topk: int = 1,
                  device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool = False, workers: int | None = None,
-                 decode: str = "pil", warn: Warn = warn_stderr, tta: bool = False,
+                 channels_last: bool | None = None, workers: int | None = None,
+                 decode: str = "auto", warn: Warn = warn_stderr, tta: bool = False,
                  calibrated: bool = True, min_score: float | None = None,
                  keep_outputs: bool = False):
         from toolkit.data.transforms import eval_transform
@@ -309,7 +309,7 @@ class Predictor(Runner):
 
 def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any], *,
             batch_size: int = 32, topk: int = 1, device: str = "auto", precision: str = "32",
-            channels_last: bool = False, workers: int | None = None, decode: str = "pil",
+            channels_last: bool | None = None, workers: int | None = None, decode: str = "auto",
             warn: Warn = warn_stderr, tta: bool = False, calibrated: bool = True,
             min_score: float | None = None) -> Iterator[Prediction]:
     """Rows for every image under ``inputs`` (files, folders, globs; see
@@ -326,7 +326,7 @@ def predict(loaded: LoadedModel, inputs: str | os.PathLike[str] | Iterable[Any],
 
 
 def predict_tensors(loaded: LoadedModel, images: torch.Tensor, *, topk: int = 1,
-                    device: str = "auto", precision: str = "32", channels_last: bool = False,
+                    device: str = "auto", precision: str = "32", channels_last: bool | None = None,
                     batch_size: int = 256, calibrated: bool = True,
                     min_score: float | None = None) -> list[Prediction]:
     """Rows for images already preprocessed with the model's eval transform."""

@@ -169,7 +169,7 @@ class OpenedModel:
         return float(t) if t is not None else None
 
     def runner(self, *, batch_size: int = 32, topk: int = 1, workers: int | None = None,
-               decode: str = "pil", warn: Warn | None = None, calibrated: bool = True,
+               decode: str = "auto", warn: Warn | None = None, calibrated: bool = True,
                min_score: float | None = None, keep_outputs: bool = False) -> Runner:
         """A :class:`~toolkit.predict.runner.Runner` over this model (files -> rows), scored
         as :mod:`toolkit.predict.scoring` says (its calibration unless ``calibrated`` is
@@ -190,7 +190,7 @@ class OpenedModel:
 def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
                    store: ModelStore | str | os.PathLike[str] | None = None,
                    runtime: str = "auto", device: Any = "auto", precision: str = "32",
-                   channels_last: bool = False, decode: str = "pil", tta: bool = False,
+                   channels_last: bool | None = None, decode: str = "auto", tta: bool = False,
                    plugins: PluginsArg = None, threads: int | None = None,
                    log: Log = _quiet) -> Iterator[OpenedModel]:
     """Open ``model`` (a stored name, an exported ``.onnx`` path, a :class:`ModelRef` from
@@ -199,9 +199,10 @@ def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
     torch (stored models): ``device`` (``auto``, ``cpu``, ``cuda:N``, ``mps`` or a
     ``torch.device``), ``precision``, ``channels_last``, ``decode="torchvision"`` (the
     runtime then accepts JPEG bytes), ``tta`` (mirror averaging), ``plugins`` (loaded
-    plugins, a callable giving them, or None for the installed ones) apply. onnx (exported
-    files): ``device`` (``auto``, ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads
-    [the usable cores]) apply; ``precision`` other than ``32``/``auto``, ``channels_last``
+    plugins, a callable giving them, or None for the installed ones) apply; ``channels_last``
+    None is auto (on for convolutional models on CPU/CUDA). onnx (exported files):
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``) and ``threads`` (intra-op threads [the
+    usable cores]) apply; ``precision`` other than ``32``/``auto``, ``channels_last=True``
     and ``tta`` are refused in one line (an export's precision is chosen by
     ``tk export [--int8]``). Never imports torch for an exported file."""
     ref = model if isinstance(model, ModelRef) else resolve_model(
@@ -218,7 +219,7 @@ def open_predictor(model: str | os.PathLike[str] | ModelRef | None = None, *,
                           plugins=plugins)
 
 
-def _open_onnx(ref: ModelRef, *, device: Any, precision: str, channels_last: bool,
+def _open_onnx(ref: ModelRef, *, device: Any, precision: str, channels_last: bool | None,
                threads: int | None) -> OpenedModel:
     from toolkit.data.transforms import EvalTransform
     from toolkit.model.backbone import DataConfig
@@ -254,7 +255,7 @@ def _open_onnx(ref: ModelRef, *, device: Any, precision: str, channels_last: boo
 
 
 def _open_torch(ref: ModelRef, *, store: Any, device: Any, precision: str,
-                channels_last: bool, decode: str, tta: bool,
+                channels_last: bool | None, decode: str, tta: bool,
                 plugins: PluginsArg) -> OpenedModel:
     from toolkit.data.transforms import eval_transform
     from toolkit.model.loading import load_model

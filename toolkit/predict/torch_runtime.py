@@ -53,15 +53,15 @@ class TorchRuntime:
 
     def __init__(self, model: nn.Module, transform: EvalTransform, *,
                  device: str | torch.device = "auto", precision: str = "32",
-                 channels_last: bool = False, jpeg: bool = False, tta: bool = False,
+                 channels_last: bool | None = None, jpeg: bool = False, tta: bool = False,
                  multi_label: bool = False):
         import torch
 
-        from toolkit.devices import check_precision, resolve_device
+        from toolkit.devices import check_precision, resolve_channels_last, resolve_device
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = check_precision(precision, self.device)
-        self.channels_last = bool(channels_last)
+        self.channels_last = resolve_channels_last(channels_last, model, self.device)
         self.transform = transform
         self.accepts_jpeg = bool(jpeg)
         self.tta, self.multi_label = bool(tta), bool(multi_label)

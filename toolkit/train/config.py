@@ -63,12 +63,12 @@ class FinetuneArgs:
     pretrained: bool = True
     weights: str | None = None
     device: str = "auto"
-    precision: str = "32"
-    channels_last: bool = False
+    precision: str = "auto"  # auto: bf16-mixed where the device computes bf16 natively
+    channels_last: bool | None = None  # None: auto (on for convolutional backbones)
     compile: bool = False
     image_size: int | None = None
     val_split: float = 0.2
-    workers: int = 0
+    workers: int | None = None  # None: toolkit.devices.train_workers()
     seed: int = 0
     patience: int | None = None
     warmup_epochs: float = 1.0

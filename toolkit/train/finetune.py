@@ -240,6 +240,8 @@ class Session:
     device: Any  # torch.device
     precision: str
     log: Callable[[str], None]
+    workers: int = 0  # DataLoader workers (--workers, else the machine's default)
+    auto: tuple[str, ...] = ()  # the settings tk chose for this machine (not given)
 
     @property
     def is_main(self) -> bool:
@@ -251,17 +253,21 @@ def training_session(args: FinetuneArgs) -> Iterator[Session]:
     import torch
 
     from toolkit import distributed as D
-    from toolkit.devices import check_precision, resolve_device
+    from toolkit.devices import resolve_device, resolve_precision, train_workers
 
     dist = D.from_env()
     device = resolve_device(args.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    precision = check_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)
+    workers = train_workers(dist.world_size) if args.workers is None else args.workers
+    auto = tuple(k for k, given in (("precision", args.precision != "auto"),
+                                    ("channels_last", args.channels_last is not None),
+                                    ("workers", args.workers is not None)) if not given)
     D.init(dist, device)
     try:
-        yield Session(dist, device, precision, _logger(dist.is_main))
+        yield Session(dist, device, precision, _logger(dist.is_main), workers, auto)
     finally:
         D.shutdown()
 
@@ -430,6 +436,7 @@ def make_loss(args: FinetuneArgs, components: Components, data: Data, balance: B
 def plan_training(args: FinetuneArgs, components: Components, data: Data, built: Built,
                   store: Any, session: Session) -> Plan:
     from toolkit.data.transforms import eval_transform, train_transform
+    from toolkit.devices import resolve_channels_last
     from toolkit.model.assemble import call_factory
     from toolkit.model.freezing import Freezing
     from toolkit.train import features
@@ -470,17 +477,18 @@ def plan_training(args: FinetuneArgs, components: Components, data: Data, built:
                        "dataset": components.dataset.qualified_name, "options": data.options,
                        "val_split": args.val_split, "seed": args.seed},
             cache_dir=store.root / "cache" / "features", device=session.device,
-            precision=session.precision, batch_size=args.batch_size, workers=args.workers,
+            precision=session.precision, batch_size=args.batch_size, workers=session.workers,
             dist=session.dist, log=session.log)
         freezing.use_features_only()
 
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
         backbone_lr_scale=lr_scale, warmup_epochs=args.warmup_epochs, patience=args.patience,
-        precision=session.precision, channels_last=args.channels_last, compile=args.compile,
-        workers=args.workers, seed=args.seed, quiet=args.quiet, task=data.task,
-        accumulate=args.accumulate, ema=args.ema, mixup=args.mixup, cutmix=args.cutmix,
-        sample_weights=balance.sample_weights)
+        precision=session.precision,
+        channels_last=resolve_channels_last(args.channels_last, built.model, session.device),
+        compile=args.compile, workers=session.workers, seed=args.seed, quiet=args.quiet,
+        task=data.task, accumulate=args.accumulate, ema=args.ema, mixup=args.mixup,
+        cutmix=args.cutmix, sample_weights=balance.sample_weights)
     return Plan(config, freezing, loss_fn, optimizer_factory, train_set, val_set, lr_source,
                 use_cache, balance)
 
@@ -551,6 +559,8 @@ def training_record(args: FinetuneArgs, components: Components, data: Data, buil
         backbone_lr_scale=plan.config.backbone_lr_scale,
         frozen_groups=plan.freezing.initial, layer_groups=plan.freezing.n_groups,
         device=str(session.device), precision=session.precision,
+        channels_last=plan.config.channels_last, workers=plan.config.workers,
+        auto=list(session.auto),
         world_size=session.dist.world_size, dataset=components.dataset.qualified_name,
         dataset_options=data.options, feature_cache=plan.feature_cache, task=data.task,
         # where --data was, whatever the working folder (tk review's leakage check)
@@ -569,7 +579,18 @@ def describe_run(components: Components, data: Data, built: Built, plan: Plan,
             f"{plan.freezing.initial} frozen, weights: {backbone.weights.source}) on "
             f"{components.dataset.name}: {len(data.classes)} classes, {len(plan.train_set)} "
             f"train / {len(plan.val_set)} val images at {built.data_config.input_size[1]}px, "
-            f"device {session.device}, precision {session.precision}, lr {plan.config.lr:g}")
+            f"device {session.device}, {speed_settings(plan.config, session)}, "
+            f"lr {plan.config.lr:g}")
+
+
+def speed_settings(config: Any, session: Session) -> str:
+    """``precision bf16-mixed (auto), channels-last on (auto), 2 workers (auto)``."""
+    def auto(key: str) -> str:
+        return " (auto)" if key in session.auto else ""
+
+    return (f"precision {config.precision}{auto('precision')}, channels-last "
+            f"{'on' if config.channels_last else 'off'}{auto('channels_last')}, "
+            f"{config.workers} workers{auto('workers')}")
 
 
 # -- lr: the range test ------------------------------------------------------------------------
