@@ -185,7 +185,7 @@ def test_readme_snippet_gives_tk_infer_predictions(
     assert not {m for m in imported if m.split(".")[0] in ("torch", "toolkit", "torchvision")}
 
     rows = run_tk("infer", *files, "--model", "r18", "--format", "jsonl", "-q",
-                  "--workers", "0", home=home)
+                  "--workers", "0", "--decode", "pil", home=home)
     assert rows.returncode == 0, rows.stderr
     expected = {r["path"]: r for r in map(json.loads, rows.stdout.splitlines())}
     got = [ln.split(" ") for ln in proc.stdout.splitlines()]
@@ -394,7 +394,7 @@ def test_synthetic_fallback_calibrate_labels_and_temperature(colour_model, tmp_p
     # no training data reachable: synthetic images, said; a calibration temperature in the
     # stored metadata travels with the export
     save_model(store_dir, "warm", "tiny-cnn", TINY_PLUGIN, ["x", "y"],
-               {"calibration": {"temperature": 1.7}})
+               {"calibration": {"method": "temperature", "temperature": 1.7}})
     proc = export("warm", "--format", "pt2", "-o", tmp_path / "w.pt2")
     assert proc.returncode == 0, proc.stderr
     assert "training data of 'warm' is not reachable" in proc.stderr

@@ -222,7 +222,11 @@ def test_open_predictor_on_an_export(r18: tuple[Path, Path, Path], tmp_path: Pat
         assert opened.classes == CLASSES and opened.device == "cpu"
         assert opened.meta["export"]["precision"] == "fp32"
         assert opened.meta["source"]["name"] == "r18" and opened.task == "single-label"
-        assert opened.temperature is None and opened.loaded is None
+        # the stored model's calibration travels with the export and scores its rows
+        from toolkit.predict.export.artifact import read_export
+
+        assert opened.temperature == read_export(model).temperature > 0
+        assert opened.loaded is None
         crop = opened.transform.crop(load_image(photo))
         assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
         logits, errors = opened.runtime.finish(opened.runtime.start(crop[None]))

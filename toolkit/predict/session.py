@@ -164,9 +164,11 @@ class OpenedModel:
         return str(self.meta.get("task") or "single-label")
 
     @property
-    def temperature(self) -> float | None:
-        t = (self.meta.get("calibration") or {}).get("temperature")
-        return float(t) if t is not None else None
+    def temperature(self) -> float:
+        """The calibration temperature its scores use (1.0: none)."""
+        from toolkit.predict.scoring import model_temperature
+
+        return model_temperature(self.meta)
 
     def runner(self, *, batch_size: int = 32, topk: int = 1, workers: int | None = None,
                decode: str = "auto", warn: Warn | None = None, calibrated: bool = True,

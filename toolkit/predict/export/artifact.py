@@ -20,8 +20,9 @@ key/values: ONNX ``metadata_props``, or in the PyTorch archives the extra file
                       inputs), ``crop`` ``[h,w]``, ``crop_pct``, ``interpolation``,
                       ``mean``, ``std``, ``normalize`` (where the ``/255`` and
                       mean/std happen: ``"in-graph"``)
-``tk.calibration``    JSON ``{"temperature": T}`` when the stored model has a calibration
-                      temperature (``scores = softmax(logits / T)``); absent otherwise
+``tk.calibration``    JSON ``{"method": "temperature", "temperature": T}`` when the stored
+                      model has a calibration temperature (``scores = softmax(logits / T)``);
+                      absent otherwise
 ``tk.source``         JSON: the stored model's ``name``, ``sha256`` of its file,
                       ``backbone``, ``head``, ``created``
 ``tk.parity``         JSON: the check made at export (see ``tk export --help``)

@@ -151,16 +151,6 @@ def check_output(out: Path, store_root: Path, inputs: list[Path], log: Log) -> b
     return True
 
 
-def _temperature(meta: dict[str, Any]) -> float | None:
-    """A scalar calibration temperature from the stored metadata (``calibration.temperature``
-    or ``temperature``), when there is one."""
-    cal = meta.get("calibration")
-    value = cal.get("temperature") if isinstance(cal, dict) else meta.get("temperature")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return None
-
-
 def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
                  warn: Log | None = None) -> ExportResult:
     """`tk export`: see the module doc. Usage errors are found before torch is imported."""
@@ -189,6 +179,7 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
     from model_store.fileformat import sha256_file
     from model_store.metadata import now_iso
     from toolkit.model.loading import load_model
+    from toolkit.predict.scoring import model_temperature
     from toolkit.version import __version__
 
     loaded = load_model(args.model, store, plugins=plugins, device="cpu")
@@ -203,8 +194,9 @@ def export_model(args: ExportArgs, plugins: Any, *, log: Log = _stderr,
     source = {"name": args.model, "sha256": sha256_file(loaded.path) if loaded.path else None,
               "backbone": loaded.spec.backbone, "head": loaded.spec.head,
               "created": meta.get("created")}
-    temperature = _temperature(meta)
-    calibration = {"temperature": temperature} if temperature is not None else None
+    temperature = model_temperature(meta)  # the one reading of a calibration record
+    calibration = ({"method": "temperature", "temperature": temperature}
+                   if temperature != 1.0 else None)
     precision = "int8" if args.int8 else "fp32"
 
     def props(parity: dict[str, Any]) -> dict[str, str]:
