@@ -144,12 +144,12 @@ def main() -> None:
                                "-q", "--store", store, env=env))
         classes = report["classes"]
         base = constant_rows(read_manifest(train), read_manifest(test), classes)
-        print(f"\n{'predictor':<44} {'mAP':>6} {'F1 micro':>9} {'F1 macro':>9} {'exact':>6}")
-        print(f"{'tk resnet18 (tk eval --json)':<44} {report['map']:6.3f} "
+        print(f"\n{'predictor':<48} {'mAP':>6} {'F1 micro':>9} {'F1 macro':>9} {'exact':>6}")
+        print(f"{'tk resnet18 (tk eval --json)':<48} {report['map']:6.3f} "
               f"{report['f1_micro']:9.3f} {report['f1_macro']:9.3f} "
               f"{report['exact_match']:6.3f}")
         for name, s in base.items():
-            print(f"{'constant: ' + name:<44} {s.map:6.3f} {s.f1_micro:9.3f} "
+            print(f"{'constant: ' + name:<48} {s.map:6.3f} {s.f1_micro:9.3f} "
                   f"{s.f1_macro:9.3f} {s.exact_match:6.3f}")
         print("\nper class (tk eval): " + ", ".join(
             f"{m['name']} AP {m['ap']:.3f} F1 {m['f1']:.3f} (threshold {m['threshold']:.2f})"
