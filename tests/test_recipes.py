@@ -135,6 +135,11 @@ def test_multilabel_fixed_threshold_and_asl(env: dict[str, str], tmp_path: Path)
     meta = meta_of("asl", env)
     assert meta["thresholds"] == [0.3, 0.3, 0.3] and meta["threshold_source"] == "--threshold"
     assert meta["training"]["loss"].endswith(":asl")
+    # tk review reads single-label models: one line pointing at tk eval, no report written
+    review = tk(["review", "asl", "--data", str(train), "-o", str(tmp_path / "r.html"), "-q"],
+                env, check=False)
+    one_line_error(review, "multi-label", "tk eval")
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_multilabel_bad_inputs(env: dict[str, str], tmp_path: Path):

@@ -330,6 +330,20 @@ def test_api_key_and_sigterm_drains_in_flight_requests(home: Path, files: dict[s
     assert "Traceback" not in srv.stderr
 
 
+def test_min_score_gives_rows_without_a_label_as_tk_infer_does(
+        home: Path, files: dict[str, Path], infer_rows: dict[str, dict]) -> None:
+    """Served rows are scored as `tk infer` scores them: below --min-score no label, the
+    score and top-k kept (the calibrated ones of the default server above)."""
+    with serving(home, "--min-score", "1") as srv:
+        r = post(srv.url, [files[n] for n in GOOD], topk=2)
+        assert r.status_code == 200, r.text
+        for row in r.json():
+            want = infer_rows[row["path"]]
+            assert row["label"] is None and row["error"] is None
+            assert row["score"] == pytest.approx(want["score"], abs=1e-4)
+            assert row["topk"][0]["label"] == want["label"]
+
+
 def test_usage_errors_are_one_line(home: Path) -> None:
     import socket
 

@@ -28,10 +28,15 @@ from toolkit.cli.store import store_option
               help="Require 'Authorization: Bearer <value of VAR>' (except on /health).")
 @click.option("--device", default="auto", show_default=True,
               help="auto | cpu | cuda | cuda:N | mps.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None, metavar="S",
+              help="Rows whose top score is below S get label null (as `tk infer`).")
+@click.option("--calibration/--no-calibration", default=True, show_default=True,
+              help="Scores with the model's calibration temperature or the raw softmax.")
 @store_option
 def serve_command(model: str | None, host: str, port: int, max_batch: int,
                   max_wait_ms: float, max_upload_mb: float, api_key_env: str | None,
-                  device: str, store_dir: Path | None) -> None:
+                  device: str, min_score: float | None, calibration: bool,
+                  store_dir: Path | None) -> None:
     """Serve a stored model or an exported .onnx file over HTTP until SIGTERM or Ctrl-C.
 
     \b
@@ -52,5 +57,6 @@ def serve_command(model: str | None, host: str, port: int, max_batch: int,
 
     args = ServeArgs(model=model, store=str(store_dir) if store_dir else None, host=host,
                      port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     max_upload_mb=max_upload_mb, api_key_env=api_key_env, device=device)
+                     max_upload_mb=max_upload_mb, api_key_env=api_key_env, device=device,
+                     min_score=min_score, calibrated=calibration)
     run_serve(args, get_state().plugins)

@@ -41,6 +41,8 @@ class ServeArgs:
     max_upload_mb: float = 20.0
     api_key_env: str | None = None
     device: str = "auto"
+    min_score: float | None = None  # below it a row's label is null, as in `tk infer`
+    calibrated: bool = True  # False: the raw softmax (--no-calibration)
 
 
 def _log(message: str) -> None:
@@ -112,7 +114,6 @@ def run_serve(args: ServeArgs, plugins: Any, log: Callable[[str], None] = _log) 
         raise TkError(f"tk serve needs the [serve] extra ({exc.name} is missing): "
                       "pip install 'tk-microtoolkit[serve]'") from None
 
-    from toolkit.predict.runner import Runner
     from toolkit.predict.session import open_predictor
     from toolkit.serve.app import AppConfig, create_app
     from toolkit.serve.batcher import Batcher
@@ -120,9 +121,10 @@ def run_serve(args: ServeArgs, plugins: Any, log: Callable[[str], None] = _log) 
     sock = bind(args.host, args.port)
     with sock, open_predictor(args.model, store=args.store, plugins=plugins,
                               device=args.device, log=log) as opened:
-        runner = Runner(opened.runtime, opened.transform, opened.classes,
-                        topk=len(opened.classes), workers=0,
-                        warn=lambda m: log(f"warning: {m}"))
+        # scored as `tk infer` scores: calibration, --min-score, multi-label thresholds
+        runner = opened.runner(topk=len(opened.classes), workers=0,
+                               warn=lambda m: log(f"warning: {m}"),
+                               calibrated=args.calibrated, min_score=args.min_score)
         batcher = Batcher(runner, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -154,6 +154,10 @@ def run_review(args: ReviewArgs, plugins: Any, log: Any = None) -> ReviewResult:
     csv_out = labels_csv_path(output)
     store = ModelStore(args.store)
     store.info(args.model)  # a missing model fails here, cheaply
+    if store.show(args.model).get("task") == "multi-label":
+        raise TkError(f"tk review reads single-label models; '{args.model}' is multi-label: "
+                      f"`tk eval --model {args.model} --data PATH` gives its mAP, F1 and "
+                      "per-class figures")
     loaded_classes = list(store.info(args.model).classes)
     paths, labels = labelled_inputs(args.data, loaded_classes)
     for target in (output, csv_out):
