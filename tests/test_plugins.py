@@ -818,7 +818,9 @@ def test_acme_trains_from_a_json_manifest_its_hook_claims(installed: dict[str, P
 
     documented = {k: t.__name__ for k, t in get_type_hints(EpochMetrics).items()}
     assert event["epoch"] == event["metrics"]["epoch"] == 1
-    assert set(event["metrics"]) == set(documented) - {"val_top5"}  # 2 classes: no top-5
+    # 2 classes: no top-5; single-label, no --ema: none of the multi-label or EMA keys
+    assert set(event["metrics"]) == set(documented) - {
+        "val_top5", "val_map", "val_f1_micro", "val_f1_macro", "ema"}
     assert event["types"] == {k: documented[k] for k in event["metrics"]}
 
     # uninstalled: the model names the package to install and the version it was made with
