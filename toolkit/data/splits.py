@@ -23,13 +23,7 @@ def stratified_split(
     has fewer than 2 samples (it could not be in both parts); ``class_names`` makes that
     message name the class.
     """
-    try:
-        frac = float(val_split)
-    except (TypeError, ValueError):
-        raise DataError(f"--val-split must be a number between 0 and 1, got {val_split!r}") \
-            from None
-    if not 0.0 < frac < 1.0 or math.isnan(frac):
-        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    frac = _fraction(val_split)
     by_class: dict[int, list[int]] = {}
     for idx, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(idx)
@@ -57,13 +51,7 @@ def random_split(n: int, val_split: float, seed: int) -> tuple[list[int], list[i
     """Indices ``(train, val)`` of a seeded random split of ``n`` samples (multi-label data,
     which has no single class to stratify by): ``round(n * val_split)`` go to validation,
     at least one and at most ``n - 1``. Both lists come back sorted."""
-    try:
-        frac = float(val_split)
-    except (TypeError, ValueError):
-        raise DataError(f"--val-split must be a number between 0 and 1, got {val_split!r}") \
-            from None
-    if not 0.0 < frac < 1.0 or math.isnan(frac):
-        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    frac = _fraction(val_split)
     if n < 2:
         raise DataError(f"{n} image(s): at least 2 are needed for a training and a "
                         "validation part")
@@ -71,3 +59,15 @@ def random_split(n: int, val_split: float, seed: int) -> tuple[list[int], list[i
     random.Random(f"tk-split:{seed}").shuffle(order)
     k = min(n - 1, max(1, round(n * frac)))
     return sorted(order[k:]), sorted(order[:k])
+
+
+def _fraction(val_split: float) -> float:
+    """``--val-split`` as a float strictly between 0 and 1, or a one-line error."""
+    try:
+        frac = float(val_split)
+    except (TypeError, ValueError):
+        raise DataError(f"--val-split must be a number between 0 and 1, got {val_split!r}") \
+            from None
+    if not 0.0 < frac < 1.0 or math.isnan(frac):
+        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    return frac
