@@ -24,7 +24,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check toolkit plugins model_store tests benchmarks examples
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_infer.py
