@@ -8,39 +8,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import test_finetune
 
+# the `tk` runner and the isolated-environment fixture of the training tests
+tk, env = test_finetune.tk, test_finetune.env
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
 SMALL = ["--opt", "dataset.samples=120", "--opt", "dataset.image_size=32", "--device", "cpu",
          "--no-pretrained", "--backbone", "tiny-cnn"]
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230)}
-
-
-def tk(args: list[str], env: dict[str, str], check: bool = True,
-       timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "toolkit", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tk {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
-             HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TK_PLUGINS=TINY,
-             OMP_NUM_THREADS="1")
-    e.pop("TK_DEBUG", None)
-    return e
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
