@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from toolkit.calibration import (
+    calibration_record,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
@@ -53,6 +54,21 @@ def test_temperature_lowers_the_ece_on_held_out_data_of_an_overconfident_model()
     assert t > 3.0  # undoes most of the 6x scale
     assert after < before / 3
     assert after < 0.05
+
+
+def test_an_untrustworthy_temperature_is_not_used() -> None:
+    logits, labels = _overconfident(2000, 0)
+    good = calibration_record(logits, labels)
+    assert good["temperature"] > 3.0 and "rejected" not in good
+    assert good["ece_after"] < good["ece_before"]
+    # a handful of images: fitted, recorded, not used
+    few = calibration_record(logits[:10], labels[:10])
+    assert few["temperature"] == 1.0 and few["fitted"] > 0 and "fewer than" in few["rejected"]
+    # logits that say nothing about the label: the fit runs to its upper bound
+    noise = np.random.default_rng(3).normal(0, 5, (300, 4))
+    flat = calibration_record(noise, np.random.default_rng(4).integers(0, 4, 300))
+    assert flat["temperature"] == 1.0 and flat["fitted"] >= 19.0 and "bound" in flat["rejected"]
+    assert flat["ece_after"] == flat["ece_before"] and flat["nll_after"] == flat["nll_before"]
 
 
 def test_reliability_bins_count_every_sample_once() -> None:

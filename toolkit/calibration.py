@@ -130,14 +130,40 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
     return float(sum(b.count * abs(b.accuracy - b.confidence) for b in found) / total)
 
 
+# fewer validation images than this and the fitted temperature is not used (the NLL of a
+# handful of images says little about the scores of new ones)
+MIN_IMAGES = 20
+
+
 def calibration_record(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | int | str]:
     """Fit the temperature on ``(logits, labels)`` and describe it: the
     ``meta["calibration"]`` record ``{"method": "temperature", "temperature", "ece_before",
-    "ece_after", "nll_before", "nll_after", "images", "bins"}``."""
+    "ece_after", "nll_before", "nll_after", "images", "bins"}``.
+
+    The fitted value is kept only when it can be trusted; otherwise ``temperature`` is 1.0
+    (scores stay the plain softmax), the fitted value goes into ``fitted`` and the reason
+    into ``rejected``: fewer than :data:`MIN_IMAGES` images, a value at a bound of the search
+    (the logits say almost nothing about correctness), or an ECE that rises with it (a
+    small split where the NLL and the binned ECE disagree)."""
     t = fit_temperature(logits, labels)
-    return {"method": "temperature", "temperature": round(t, 6),
-            "ece_before": round(expected_calibration_error(softmax(logits), labels), 6),
-            "ece_after": round(expected_calibration_error(softmax(logits, t), labels), 6),
-            "nll_before": round(nll(logits, labels), 6),
-            "nll_after": round(nll(logits, labels, t), 6),
-            "images": int(len(labels)), "bins": ECE_BINS}
+    ece_before = expected_calibration_error(softmax(logits), labels)
+    ece_fitted = expected_calibration_error(softmax(logits, t), labels)
+    rejected = None
+    if len(labels) < MIN_IMAGES:
+        rejected = f"fewer than {MIN_IMAGES} validation images"
+    elif not T_MIN * 1.01 < t < T_MAX * 0.99:
+        rejected = f"the fit ended at a bound of [{T_MIN}, {T_MAX}]"
+    elif ece_fitted > ece_before:
+        rejected = "it raised the validation ECE"
+    used = 1.0 if rejected else t
+    record: dict[str, float | int | str] = {
+        "method": "temperature", "temperature": round(used, 6),
+        "ece_before": round(ece_before, 6),
+        "ece_after": round(ece_fitted if not rejected else ece_before, 6),
+        "nll_before": round(nll(logits, labels), 6),
+        "nll_after": round(nll(logits, labels, used), 6),
+        "images": int(len(labels)), "bins": ECE_BINS}
+    if rejected:
+        record["fitted"] = round(t, 6)
+        record["rejected"] = rejected
+    return record

@@ -662,9 +662,14 @@ def calibrate_best(args: FinetuneArgs, built: Built, plan: Plan, result: Any,
                     "softmax")
         return None
     if record is not None and not args.quiet:
-        session.log(f"calibration: temperature {record['temperature']:.3f} on "
-                    f"{record['images']} validation images (ECE {record['ece_before']:.4f} "
-                    f"-> {record['ece_after']:.4f})")
+        if record.get("rejected"):
+            session.log(f"calibration: scores stay the plain softmax: the temperature "
+                        f"fitted on {record['images']} validation images "
+                        f"({record['fitted']:.3f}) is not used, {record['rejected']}")
+        else:
+            session.log(f"calibration: temperature {record['temperature']:.3f} on "
+                        f"{record['images']} validation images (ECE "
+                        f"{record['ece_before']:.4f} -> {record['ece_after']:.4f})")
     return record
 
 

@@ -194,9 +194,14 @@ def _svg_reliability(bins: list[dict[str, float]], title: str) -> str:
 def _calibration(r: Review) -> str:
     c = r.calibration
     fitted = c.get("fitted") or {}
-    where = (f" (fitted by tk finetune on {fitted.get('images')} validation images: ECE "
-             f"{fitted.get('ece_before', 0):.4f} -> {fitted.get('ece_after', 0):.4f} there)"
-             if fitted else " (the model has no calibration record: scores are the raw softmax)")
+    if not fitted:
+        where = " (the model has no calibration record: scores are the raw softmax)"
+    elif fitted.get("rejected"):
+        where = (f" (tk finetune fitted {fitted.get('fitted', 0):.3f} on {fitted.get('images')}"
+                 f" validation images and kept 1: {fitted['rejected']})")
+    else:
+        where = (f" (fitted by tk finetune on {fitted.get('images')} validation images: ECE "
+                 f"{fitted.get('ece_before', 0):.4f} -> {fitted.get('ece_after', 0):.4f} there)")
     return ('<section id="calibration"><h2>Calibration</h2>'
             f"<p>Temperature <b>{c['temperature']:.3f}</b>{_e(where)}. Expected calibration "
             f"error on these images ({c['bins']} bins): raw softmax "
