@@ -58,6 +58,19 @@ def make_image_dir(tmp_path: Path) -> Callable[..., Path]:
 # -- a stored model (tests/plugins_for_tests/tiny.py backbone) ----------------------------
 
 TINY_PLUGIN = str(Path(__file__).resolve().parent / "plugins_for_tests" / "tiny.py")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """Environment for ``python -m toolkit`` subprocesses: store under ``tmp_path/store``,
+    the frameworks' caches under ``tmp_path``, offline, the test plugin (``tiny-cnn``)
+    loaded, one OpenMP thread, no TK_DEBUG."""
+    e = dict(os.environ)
+    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
+             HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TK_PLUGINS=TINY_PLUGIN,
+             OMP_NUM_THREADS="1")
+    e.pop("TK_DEBUG", None)
+    return e
 COLOUR_CLASSES = ("red", "green", "blue")
 
 

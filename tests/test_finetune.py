@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +26,6 @@ def tk(args: list[str], env: dict[str, str], check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"tk {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
-             HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TK_PLUGINS=TINY,
-             OMP_NUM_THREADS="1")
-    e.pop("TK_DEBUG", None)
-    return e
 
 
 def tensors(path: Path) -> dict:

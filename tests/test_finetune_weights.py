@@ -3,7 +3,6 @@ offline message, and what --freeze does to them (real resnet18 architecture, sma
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,10 @@ def tk(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
-             HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    e.pop("TK_DEBUG", None)
-    return e
+def env(env: dict[str, str]) -> dict[str, str]:
+    """conftest's environment without the test plugin."""
+    env.pop("TK_PLUGINS", None)
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from conftest import TINY_PLUGIN, write_image
 from toolkit.data.listing import PathList, discover
 from toolkit.errors import TkError
 from toolkit.model.loading import load_model
-from toolkit.testing import isolated_env
+from toolkit.testing import run_tk
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 20, 20), "green": (10, 200, 30), "blue": (20, 30, 210)}
@@ -32,14 +31,8 @@ COLOURS = {"red": (220, 20, 20), "green": (10, 200, 30), "blue": (20, 30, 210)}
 def tk(*args: str, home: Path, env: dict[str, str] | None = None,
        torchrun: int = 0) -> subprocess.CompletedProcess[str]:
     """``python -m toolkit ARGS`` (or under ``torchrun --nproc_per_node N``)."""
-    if torchrun:
-        runner = str(Path(sys.executable).parent / "torchrun")
-        cmd = [runner, "--standalone", "--nproc_per_node", str(torchrun), "-m", "toolkit"]
-    else:
-        cmd = [sys.executable, "-m", "toolkit"]
-    full_env = isolated_env(home, {"TK_PLUGINS": TINY_PLUGIN, **(env or {})})
-    return subprocess.run([*cmd, *args], env=full_env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    return run_tk(*args, home=home, env={"TK_PLUGINS": TINY_PLUGIN, **(env or {})},
+                  nproc=torchrun, cwd=REPO)
 
 
 def huge_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:

@@ -196,10 +196,7 @@ def test_torchrun_shards_an_onnx_model(r18: tuple[Path, Path, Path], tmp_path: P
             "--batch-size", "2", "--workers", "0", "-q")
     single = run_tk(*args, home=home)
     out = tmp_path / "merged.jsonl"
-    runner = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run([runner, "--standalone", "--nproc_per_node", "2", "-m", "toolkit",
-                           *args, "-o", str(out)], capture_output=True, text=True,
-                          env=isolated_env(home), timeout=300, cwd=ROOT)
+    proc = run_tk(*args, "-o", str(out), home=home, nproc=2, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = jsonl(out.read_text())
     assert len(merged) == len(files)

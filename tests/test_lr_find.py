@@ -5,31 +5,20 @@ mode and with the feature cache, and under torchrun."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from toolkit.testing import run_tk
+
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
-_SCRIPT = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-TORCHRUN = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "torch.distributed.run"]
 
 BASE = ["--backbone", "tiny-cnn", "--classes", "3", "--no-pretrained", "--opt",
         "dataset.samples=90", "--opt", "dataset.image_size=32", "--batch-size", "8",
         "--device", "cpu", "--workers", "0", "--lr-find-steps", "12", "-q"]
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
-             TK_PLUGINS=TINY, OMP_NUM_THREADS="1")
-    e.pop("TK_DEBUG", None)
-    return e
 
 
 def tk(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -38,8 +27,7 @@ def tk(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit",
-                           *args], env=env, capture_output=True, text=True, timeout=300)
+    return run_tk(*args, home=env["TK_HOME"], env=env, nproc=2, timeout=300)
 
 
 def meta(name: str, env: dict[str, str]) -> dict:

@@ -17,7 +17,7 @@ import pytest
 import test_finetune
 
 # the `tk` runner and the isolated-environment fixture of the training tests
-tk, env = test_finetune.tk, test_finetune.env
+tk = test_finetune.tk
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")

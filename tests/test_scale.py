@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.testing import run_tk
+
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "plugins_for_tests" / "tiny.py")
 KILLER = str(HERE / "plugins_for_tests" / "killer.py")
-# the venv's torchrun script, else the same launcher as a module (a venv may lack the script)
-_SCRIPT = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-TORCHRUN = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "torch.distributed.run"]
 # fully frozen (BatchNorm statistics fixed), no augmentation, no dropout: one process with
 # batch 16 and two with 8 each see the same global batches, so they must agree closely.
 COMPARABLE = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs", "2",
@@ -26,21 +24,14 @@ COMPARABLE = ["finetune", "--backbone", "tiny-cnn", "--classes", "3", "--epochs"
               "--lr", "0.05", "--json"]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(TK_HOME=str(tmp_path / "store"), TORCH_HOME=str(tmp_path / "torch"),
-             TK_PLUGINS=TINY, OMP_NUM_THREADS="1")
-    e.pop("TK_DEBUG", None)
-    return e
-
-
 def run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "toolkit", *args], env)
+    """``tk ARGS`` under torchrun with two processes (stopped with their stacks on stderr if
+    they hang: :func:`toolkit.testing.run_tk`)."""
+    return run_tk(*args, home=env["TK_HOME"], env=env, nproc=2, timeout=300)
 
 
 @pytest.mark.xdist_group("torchrun")  # one torchrun job at a time: 2 cores

@@ -129,6 +129,38 @@ def test_run_tk_runs_the_cli_with_plugins(tmp_path: Path) -> None:
     assert '"plugin": "tiny"' in proc.stdout and '"name": "tiny-cnn"' in proc.stdout
 
 
+def test_run_tk_stops_a_hung_run_with_its_children_and_their_stacks(tmp_path: Path) -> None:
+    import os
+    import sys
+    import time
+
+    # an "interpreter" that starts a child and hangs in Python: what a stuck torchrun is
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "hang.sh"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        sleep 300 &
+        echo $! > {pid_file}
+        exec {sys.executable} -c "import time; time.sleep(300)"
+        """))
+    fake.chmod(0o755)
+    start = time.monotonic()
+    proc = run_tk("infer", "x", home=tmp_path / "home", python=str(fake), timeout=3)
+    assert time.monotonic() - start < 30
+    assert proc.returncode < 0
+    assert "timed out after 3 s" in proc.stderr
+    assert "time.sleep" in proc.stderr or "File " in proc.stderr  # the fault handler's stack
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the background child went with the group
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the hung run's child is still alive")
+
+
 def test_tiny_finetune_trains_and_reads_the_metadata(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", ["red", "blue"], per_class=5, size=32)
     run = tiny_finetune("tiny-cnn", data=data, plugins=[str(TINY)], home=tmp_path / "home",

@@ -153,19 +153,55 @@ def run_tk(
     python: str | None = None,
     timeout: float = 600,
     cwd: str | Path | None = None,
+    nproc: int = 0,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m toolkit [--plugin P]... ARGS`` with :func:`isolated_env` (``home``,
     ``env`` = extra variables) and return the completed process (text stdout / stderr; no
-    exception on failure). ``python``: another interpreter (e.g. a virtual environment's)."""
+    exception on failure). ``python``: another interpreter (e.g. a virtual environment's).
+    ``nproc`` > 0: under ``torchrun --standalone --nproc_per_node NPROC`` instead.
+
+    A run still going after ``timeout`` seconds is stopped with every process it started
+    (its own process group): first SIGABRT, so Python's fault handler writes each process's
+    stack to stderr (where it waited), then SIGKILL; the result has a negative return code
+    and that stderr, ending with a line saying it timed out."""
+    python = python or sys.executable
     plugin_args = [a for p in plugins for a in ("--plugin", str(p))]
-    return subprocess.run(
-        [python or sys.executable, "-m", "toolkit", *plugin_args, *map(str, args)],
-        env=isolated_env(home, env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
+    launcher = [python, "-m", "toolkit"]
+    if nproc:
+        launcher = [python, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", str(nproc), "-m", "toolkit"]
+    full_env = isolated_env(home, env)
+    full_env.setdefault("PYTHONFAULTHANDLER", "1")
+    proc = subprocess.Popen([*launcher, *plugin_args, *map(str, args)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _stop_group(proc)
+        err += f"\n[run_tk: timed out after {timeout:g} s; the stacks above show where]\n"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGABRT then SIGKILL to ``proc``'s process group; what it wrote until then."""
+    import signal
+
+    for sig, grace in ((signal.SIGABRT, 15.0), (signal.SIGKILL, 15.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # children the launcher left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return out, err
+    return "", ""
 
 
 @dataclass

@@ -22,6 +22,8 @@ from toolkit.data.listing import PathList, Walker, Warn, class_folders, warn_std
 from toolkit.errors import DataError, TkError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from toolkit.model.loading import LoadedModel
 
 
@@ -163,6 +165,38 @@ def manifest_files(data: str | os.PathLike[str], classes: list[str], plugins: An
     return paths, labels
 
 
+def _each_row(predictor: Any, paths: list[Path], take: Callable[[Any], None], *,
+              progress: bool, warn: Warn) -> list[dict[str, str]]:
+    """Predict ``paths``, hand every readable row to ``take``; the unreadable ones are
+    warned about (one line each, above the progress bar) and returned."""
+    from toolkit.predict.writers import escape_control, escape_path
+    from toolkit.progress import Progress
+
+    failed: list[dict[str, str]] = []
+    bar = Progress(len(paths), "eval", enabled=progress)
+
+    def say(message: str) -> None:  # warnings that do not tear the progress bar
+        if warn is warn_stderr:
+            bar.write(f"tk: warning: {message}")
+        else:
+            warn(message)
+
+    predictor.warn = say
+    rows = predictor.predict_paths(paths)
+    try:
+        for row in rows:
+            bar.update(1)
+            if row.error is not None:
+                failed.append({"path": str(row.path), "error": row.error})
+                say(f"{escape_control(escape_path(str(row.path)))}: {row.error} (left out)")
+                continue
+            take(row)
+    finally:
+        bar.close()
+        rows.close()
+    return failed
+
+
 def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugins: Any, *,
                         batch_size: int = 32, device: Any = "auto", precision: str = "32",
                         channels_last: bool | None = None, workers: int | None = None,
@@ -174,7 +208,6 @@ def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugi
 
     from toolkit.metrics import scores
     from toolkit.predict.runner import Predictor
-    from toolkit.progress import Progress
 
     classes = list(loaded.classes)
     paths, labels = manifest_files(data, classes, plugins)
@@ -184,25 +217,18 @@ def evaluate_multilabel(loaded: LoadedModel, data: str | os.PathLike[str], plugi
                           decode=decode, warn=warn, tta=tta)
     assert predictor.thresholds is not None
     index = {name: i for i, name in enumerate(classes)}
-    probs, truth, failed = [], [], []
-    bar = Progress(len(paths), "eval", enabled=progress)
-    rows = predictor.predict_paths(paths)
-    try:
-        for row in rows:
-            bar.update(1)
-            if row.error is not None:
-                failed.append({"path": str(row.path), "error": row.error})
-                continue
-            p = np.zeros(c, dtype=np.float64)
-            for lab, score in row.topk:
-                p[index[lab]] = score
-            t = np.zeros(c, dtype=np.int64)
-            t[list(labels[row.index])] = 1
-            probs.append(p)
-            truth.append(t)
-    finally:
-        bar.close()
-        rows.close()
+    probs, truth = [], []
+
+    def take(row: Any) -> None:
+        p = np.zeros(c, dtype=np.float64)
+        for lab, score in row.topk:
+            p[index[lab]] = score
+        t = np.zeros(c, dtype=np.int64)
+        t[list(labels[row.index])] = 1
+        probs.append(p)
+        truth.append(t)
+
+    failed = _each_row(predictor, paths, take, progress=progress, warn=warn)
     if not probs:
         raise DataError(f"--data {data}: no image could be read")
     s = scores(np.stack(probs), np.stack(truth), predictor.thresholds)
@@ -236,8 +262,6 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
              progress: bool = False, tta: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on the labelled folder ``data``."""
     from toolkit.predict.runner import Predictor
-    from toolkit.predict.writers import escape_control, escape_path
-    from toolkit.progress import Progress
 
     classes = list(loaded.classes)
     paths, labels = labelled_files(data, classes, warn=warn)
@@ -247,28 +271,11 @@ def evaluate(loaded: LoadedModel, data: str | os.PathLike[str], *, batch_size: i
     index = {c: i for i, c in enumerate(classes)}
     n = len(classes)
     confusion = [[0] * n for _ in range(n)]
-    failed: list[dict[str, str]] = []
-    bar = Progress(len(paths), "eval", enabled=progress)
 
-    def say(message: str) -> None:  # warnings that do not tear the progress bar
-        if warn is warn_stderr:
-            bar.write(f"tk: warning: {message}")
-        else:
-            warn(message)
+    def take(row: Any) -> None:
+        confusion[labels[row.index]][index[str(row.label)]] += 1
 
-    predictor.warn = say
-    rows = predictor.predict_paths(paths)
-    try:
-        for row in rows:
-            bar.update(1)
-            if row.error is not None:
-                failed.append({"path": str(row.path), "error": row.error})
-                say(f"{escape_control(escape_path(str(row.path)))}: {row.error} (left out)")
-                continue
-            confusion[labels[row.index]][index[str(row.label)]] += 1
-    finally:
-        bar.close()
-        rows.close()
+    failed = _each_row(predictor, paths, take, progress=progress, warn=warn)
     total = sum(map(sum, confusion))
     correct = sum(confusion[i][i] for i in range(n))
     per, mp, mr, mf = metrics(confusion, classes)
