@@ -121,3 +121,27 @@ def colour_model(tmp_path: Path) -> tuple[Path, str]:
     """``(store_dir, name)`` of :func:`save_colour_model` in a fresh store."""
     store_dir = tmp_path / "store"
     return store_dir, save_colour_model(store_dir)
+
+
+# -- pytest-xdist: a module's expensive fixtures are made once --------------------------------
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` the tests of a module that use a module- or session-scoped
+    fixture of its own that builds files (a trained model, a venv) run on one worker, so that fixture is
+    made once instead of once per worker. Tests that already name a group (``torchrun``:
+    one such job at a time) keep theirs."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        module = getattr(item, "module", None)
+        if info is None or module is None:
+            continue
+        for defs in info.name2fixturedefs.values():
+            fixture = defs[-1]
+            if (fixture.scope in ("module", "session")
+                    and "tmp_path_factory" in fixture.argnames  # it builds files
+                    and getattr(fixture.func, "__module__", None) == module.__name__):
+                item.add_marker(pytest.mark.xdist_group(module.__name__))
+                break

@@ -28,7 +28,7 @@ from toolkit.calibration import (
 from toolkit.predict.review.analysis import label_issues, near_duplicates
 from toolkit.predict.scoring import Scoring, model_temperature, rows_of
 from toolkit.testing import make_image_folder, run_tk
-from toolkit.train.lr_find import valley
+from toolkit.train.lr_find import minimum, valley
 
 CLASSES = ["a", "b", "c"]
 
@@ -62,12 +62,13 @@ def test_an_untrustworthy_temperature_is_not_used() -> None:
     assert good["temperature"] > 3.0 and "rejected" not in good
     assert good["ece_after"] < good["ece_before"]
     # a handful of images: fitted, recorded, not used
-    few = calibration_record(logits[:10], labels[:10])
+    few = calibration_record(logits[:9], labels[:9])
     assert few["temperature"] == 1.0 and few["fitted"] > 0 and "fewer than" in few["rejected"]
     # logits that say nothing about the label: the fit runs to its upper bound
     noise = np.random.default_rng(3).normal(0, 5, (300, 4))
     flat = calibration_record(noise, np.random.default_rng(4).integers(0, 4, 300))
-    assert flat["temperature"] == 1.0 and flat["fitted"] >= 19.0 and "bound" in flat["rejected"]
+    assert flat["temperature"] == 1.0 and flat["fitted"] >= 19.0
+    assert "upper bound" in flat["rejected"]
     assert flat["ece_after"] == flat["ece_before"] and flat["nll_after"] == flat["nll_before"]
 
 
@@ -95,6 +96,16 @@ def test_valley_picks_the_steep_part_of_the_descent() -> None:
               for lr in lrs]
     chosen = valley(lrs, losses)
     assert 1e-5 < chosen < 0.1
+
+
+def test_minimum_skips_the_burn_in_and_the_cliff() -> None:
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    # noisy first batches (a low one at the start), a dip at 1e-3, the cliff after it
+    losses = [1.0 if i == 2 else (1.6 - 0.1 * np.exp(-((np.log10(lr) + 3) ** 2)) if lr < 1e-2
+                                  else 5.0) for i, lr in enumerate(lrs)]
+    assert abs(np.log10(minimum(lrs, losses, 100)) + 3) < 0.1
+    assert minimum(lrs[:4], losses[:4]) == lrs[2]  # too few points: no burn-in to skip
+    assert minimum([], []) > 0
 
 
 def test_confident_learning_ranks_flipped_labels_first() -> None:
@@ -148,7 +159,7 @@ def test_finetune_records_calibration_and_the_auto_lr(trained: dict[str, Path]) 
     training = meta["training"]
     assert training["lr_source"] == "auto"
     assert training["lr"] == training["lr_find"]["suggestion"]
-    assert training["lr_find"]["rule"] == "valley" and training["lr_find"]["steps"] == 20
+    assert training["lr_find"]["rule"] == "minimum/2" and training["lr_find"]["steps"] == 20
     assert (trained["root"] / "tk" / "artifacts" / "m" / "lr_find.png").is_file()
 
 

@@ -132,7 +132,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
 
 # fewer validation images than this and the fitted temperature is not used (the NLL of a
 # handful of images says little about the scores of new ones)
-MIN_IMAGES = 20
+MIN_IMAGES = 10
 
 
 def calibration_record(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | int | str]:
@@ -142,17 +142,19 @@ def calibration_record(logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
     The fitted value is kept only when it can be trusted; otherwise ``temperature`` is 1.0
     (scores stay the plain softmax), the fitted value goes into ``fitted`` and the reason
-    into ``rejected``: fewer than :data:`MIN_IMAGES` images, a value at a bound of the search
-    (the logits say almost nothing about correctness), or an ECE that rises with it (a
-    small split where the NLL and the binned ECE disagree)."""
+    into ``rejected``: fewer than :data:`MIN_IMAGES` images, a value at the upper bound of
+    the search (the logits say almost nothing about correctness: every score would be
+    flattened towards 1/classes), or an ECE that rises with it (a small split where the NLL
+    and the binned ECE disagree). The lower bound is allowed: an under-confident model's
+    logits are sharpened as far as the search goes."""
     t = fit_temperature(logits, labels)
     ece_before = expected_calibration_error(softmax(logits), labels)
     ece_fitted = expected_calibration_error(softmax(logits, t), labels)
     rejected = None
     if len(labels) < MIN_IMAGES:
         rejected = f"fewer than {MIN_IMAGES} validation images"
-    elif not T_MIN * 1.01 < t < T_MAX * 0.99:
-        rejected = f"the fit ended at a bound of [{T_MIN}, {T_MAX}]"
+    elif t >= T_MAX * 0.99:
+        rejected = f"the fit ran to the upper bound {T_MAX:g}"
     elif ece_fitted > ece_before:
         rejected = "it raised the validation ECE"
     used = 1.0 if rejected else t

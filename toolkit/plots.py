@@ -42,6 +42,11 @@ def lr_finder(lrs: list[float], losses: list[float], suggestion: float, path: Pa
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     ax.plot(lrs, losses)
     ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggestion {suggestion:.2g}")
+    finite = [v for v in losses if v == v and abs(v) != float("inf")]
+    if finite:  # the divergence at the end would squash the interesting part flat
+        low, first = min(finite), finite[0]
+        high = max(first, low) + 0.5 * max(abs(first - low), 0.05 * abs(low), 1e-3)
+        ax.set_ylim(low - 0.1 * (high - low), high)
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)", title="LR range test")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -3,8 +3,18 @@
 Before training, the model takes ``steps`` optimizer steps on the training data with a
 learning rate growing exponentially from ``start`` to ``end``; the loss (smoothed, averaged
 over the ranks under torchrun) is recorded, the test stops early once the loss diverges
-(4x its best), and a learning rate is suggested with fastai's "valley" rule: the middle of
-the longest stretch where the loss keeps falling. The model's weights and the random state
+(4x its best), and a learning rate is suggested by the "minimum/2" rule: half the learning
+rate at which the smoothed loss is lowest, the first tenth of the steps left out (the
+smoothed loss of the first few batches is their noise, not the learning rate's effect).
+
+Why not fastai's "valley" (the steep part of the longest falling stretch), which is also
+computed and recorded: on the README demo from random initialisation it picked 5.6e-5 for
+alexnet and 6.7e-5 for resnet18, where 5 epochs reach 0.73 and about 0.6; half the
+minimum picks 1.5e-4 and 8e-4 (0.842 and 0.946; the best fixed values measured were 3e-4
+and 2e-3: benchmarks/README.md). The minimum marks where a larger step starts to hurt,
+which is what the peak of tk's warm-up + cosine schedule needs (Smith's one-cycle
+reasoning); halving it keeps a noisy minimum off the cliff behind it (alexnet at 1.7x its
+minimum fell from 0.89 to 0.76). The model's weights and the random state
 are restored afterwards, so training starts exactly as it would have; the optimizer used
 by the test is thrown away. Works with every freeze mode (the same trainable parameters and
 per-group LR ratios as training) and with the feature cache (the head alone).
@@ -23,6 +33,8 @@ START_LR, END_LR = 1e-7, 10.0
 DEFAULT_STEPS = 100
 SMOOTH = 0.98  # exponential smoothing of the loss, debiased
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of its best
+BURN_IN = 0.1  # the first tenth of the steps: not searched for the minimum
+RULE = "minimum/2"
 
 
 @dataclass
@@ -32,17 +44,30 @@ class RangeTest:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # smoothed
     suggestion: float = 0.0
-    rule: str = "valley"
+    rule: str = RULE
+    valley: float = 0.0  # fastai's rule, recorded for comparison
     steps: int = 0  # planned
     start: float = START_LR
     end: float = END_LR
 
     def record(self) -> dict[str, Any]:
         """``meta["training"]["lr_find"]``."""
-        best = min(range(len(self.losses)), key=self.losses.__getitem__) if self.losses else 0
         return {"suggestion": self.suggestion, "rule": self.rule, "steps": self.steps,
                 "steps_run": len(self.lrs), "start": self.start, "end": self.end,
-                "min_loss_lr": self.lrs[best] if self.lrs else None}
+                "min_loss_lr": minimum(self.lrs, self.losses, self.steps) if self.lrs else None,
+                "valley": self.valley}
+
+
+def minimum(lrs: list[float], losses: list[float], steps: int | None = None) -> float:
+    """The learning rate of the lowest smoothed loss, the first :data:`BURN_IN` of the
+    ``steps`` planned (default: those run) left out while enough points remain."""
+    if not lrs:
+        return START_LR
+    skip = int(BURN_IN * (steps or len(lrs)))
+    if len(lrs) - skip < 3:
+        skip = 0
+    best = min(range(skip, len(lrs)), key=losses.__getitem__)
+    return float(lrs[best])
 
 
 def valley(lrs: list[float], losses: list[float]) -> float:
@@ -127,6 +152,6 @@ def range_test(trainer: Trainer, steps: int = DEFAULT_STEPS, start: float = STAR
         trainer.freezing.frozen = frozen
         for p in model.parameters():
             p.grad = None
-    # the last few points of a diverging run only pull the valley towards the cliff
-    result.suggestion = valley(result.lrs, result.losses)
+    result.valley = valley(result.lrs, result.losses)
+    result.suggestion = minimum(result.lrs, result.losses, result.steps) / 2
     return result
