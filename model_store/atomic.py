@@ -31,7 +31,6 @@ collection) across processes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import secrets
@@ -40,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from toolkit.errors import StoreError
+from toolkit.errors import StoreError, describe_os_error
 
 TEMP_PREFIX = ".tk-tmp-"
 # .tk-tmp-<pid>[.<start ticks>]-<hex>-<name>   (the start is absent in files of older tk)
@@ -51,15 +50,6 @@ _MAX_NAME = 255
 
 def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A short cause for a failed file operation (``no space left on device``...)."""
-    if exc.errno == errno.ENOSPC:
-        return "no space left on device"
-    if exc.errno == errno.EDQUOT:
-        return "disk quota exceeded"
-    return exc.strerror or str(exc)
 
 
 _describe = describe_os_error

@@ -128,9 +128,9 @@ def colour_model(tmp_path: Path) -> tuple[Path, str]:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``--dist loadgroup`` the tests of a module that use a module- or session-scoped
-    fixture of its own that builds files (a trained model, a venv) run on one worker, so that fixture is
-    made once instead of once per worker. Tests that already name a group (``torchrun``:
-    one such job at a time) keep theirs."""
+    fixture of its own that builds files (a trained model, a venv) run on one worker, so
+    that fixture is made once instead of once per worker. Tests that already name a group
+    (``torchrun``: one such job at a time) keep theirs."""
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue

@@ -89,6 +89,20 @@ class StoreError(TkError):
     """A model store problem: missing model, damaged file, failed write."""
 
 
+def describe_os_error(exc: OSError) -> str:
+    """A failed file operation's cause in words (``no space left on device``...): the one
+    wording the store, the output writers and the CLI use."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if exc.errno == errno.EFBIG:
+        return "file too large (file-size limit reached)"
+    return exc.strerror or str(exc)
+
+
 def one_line(text: object, limit: int | None = None) -> str:
     """``text`` (or an exception's message, else its type name) on one line, blanks
     collapsed, cut to ``limit`` characters with ``...``."""

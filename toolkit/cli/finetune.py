@@ -140,6 +140,6 @@ cli.add_command(click.Command(
     params=[p for p in finetune_command.params if p.name not in ("resume", "overwrite")],
     help="LR range test with finetune's options: the model takes --lr-find-steps steps with "
     "an exponentially growing learning rate (1e-7 .. 10) on the training data, and the "
-    "minimum/2 rule suggests one: half the LR of the lowest smoothed loss (printed on stdout; the loss curve goes to "
-    "$TK_HOME/artifacts/NAME/lr_find.png). Nothing is trained or saved; "
-    "`tk finetune --lr auto` runs the same test first."))
+    "minimum/2 rule suggests one: half the LR of the lowest smoothed loss (printed on "
+    "stdout; the loss curve goes to $TK_HOME/artifacts/NAME/lr_find.png). Nothing is "
+    "trained or saved; `tk finetune --lr auto` runs the same test first."))

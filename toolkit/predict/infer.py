@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from toolkit.data.listing import PathList, discover, warn_stderr
-from toolkit.errors import TkError
+from toolkit.errors import TkError, describe_os_error
 from toolkit.predict.writers import (
     FORMATS,
     WRITERS,
     OutputError,
-    describe_os_error,
     done_indices,
     format_for_path,
     open_output,

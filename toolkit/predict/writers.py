@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from toolkit.errors import TkError
+from toolkit.errors import TkError, describe_os_error
 
 FORMATS = ("table", "csv", "jsonl", "json")
 
@@ -172,17 +172,6 @@ class RowWriter:
 
     def end(self) -> None:
         self.emit("")
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A write error in words (``no space left on device``...)."""
-    import errno
-
-    if exc.errno == errno.ENOSPC:
-        return "no space left on device"
-    if exc.errno == errno.EFBIG:
-        return "file too large (file-size limit reached)"
-    return exc.strerror or str(exc)
 
 
 def row_dict(row: Prediction) -> dict[str, object]:
