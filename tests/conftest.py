@@ -75,12 +75,14 @@ COLOUR_CLASSES = ("red", "green", "blue")
 
 
 def save_colour_model(store_dir: Path, name: str = "colours",
-                      classes: tuple[str, str, str] = COLOUR_CLASSES) -> str:
+                      classes: tuple[str, str, str] = COLOUR_CLASSES,
+                      extra_meta: Mapping[str, object] | None = None) -> str:
     """Store a ``tiny-cnn`` classifier (width 4) whose weights are set by hand so that it
     is right on solid colours: it predicts the strongest of the red, green and blue input
     channels (classes :data:`COLOUR_CLASSES`, or other names for the same three). Loading
-    it needs :data:`TINY_PLUGIN` (``TK_PLUGINS`` or ``--plugin`` in subprocesses). Returns
-    the model name."""
+    it needs :data:`TINY_PLUGIN` (``TK_PLUGINS`` or ``--plugin`` in subprocesses).
+    ``extra_meta`` goes into its metadata (e.g. a calibration record). Returns the model
+    name."""
     import torch
 
     from model_store import ModelStore
@@ -111,6 +113,7 @@ def save_colour_model(store_dir: Path, name: str = "colours",
         "training": {"note": "hand-set weights for tests"},
         "metrics": {},
         "weights": backbone.weights.to_dict(),
+        **(extra_meta or {}),
     }
     ModelStore(store_dir).save(name, model, meta)
     return name

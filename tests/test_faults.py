@@ -196,7 +196,7 @@ def test_file_size_limit_during_training_is_one_clear_line(tmp_path: Path):
     env = tk_env(tmp_path)
     proc = tk([*TRAIN, "--epochs", "2", "--name", "big"], env,
               preexec_fn=_file_size_limit(20_000))
-    assert_one_clear_error(proc, "cannot write checkpoint", "File too large",
+    assert_one_clear_error(proc, "cannot write checkpoint", "file too large",
                            "the previous checkpoint, if any, is kept")
     store = tmp_path / "home"
     assert_store_consistent(store, [])
@@ -217,7 +217,7 @@ def test_file_size_limit_during_import_weights(tmp_path: Path):
     store = tmp_path / "store"
     proc = tk(["--plugin", TINY_PLUGIN, "store", "import-weights", "tiny-cnn", str(src),
                "--store", str(store)], tk_env(tmp_path), preexec_fn=_file_size_limit(4096))
-    assert_one_clear_error(proc, "cannot write weights for 'tiny:tiny-cnn'", "File too large")
+    assert_one_clear_error(proc, "cannot write weights for 'tiny:tiny-cnn'", "file too large")
     from model_store import ModelStore
 
     ms = ModelStore(store)

@@ -130,6 +130,15 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
     return float(sum(b.count * abs(b.accuracy - b.confidence) for b in found) / total)
 
 
+def _at(bound: float, t: float, logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the fit ended at ``bound``: within 10 % of it, or where the NLL is as flat
+    as at the bound itself (the search cannot tell them apart)."""
+    if abs(math.log(t / bound)) < math.log(1.1):
+        return True
+    return abs(math.log(t / bound)) < math.log(2.0) and (
+        nll(logits, labels, bound) <= nll(logits, labels, t) + 1e-9)
+
+
 # fewer validation images than this and the fitted temperature is not used (the NLL of a
 # handful of images says little about the scores of new ones)
 MIN_IMAGES = 10
@@ -142,19 +151,23 @@ def calibration_record(logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
     The fitted value is kept only when it can be trusted; otherwise ``temperature`` is 1.0
     (scores stay the plain softmax), the fitted value goes into ``fitted`` and the reason
-    into ``rejected``: fewer than :data:`MIN_IMAGES` images, a value at the upper bound of
-    the search (the logits say almost nothing about correctness: every score would be
-    flattened towards 1/classes), or an ECE that rises with it (a small split where the NLL
-    and the binned ECE disagree). The lower bound is allowed: an under-confident model's
-    logits are sharpened as far as the search goes."""
+    into ``rejected``: fewer than :data:`MIN_IMAGES` images, a value at a bound of the
+    search, or an ECE that rises with it (a small split where the NLL and the binned ECE
+    disagree). At the upper bound the logits say almost nothing about correctness (every
+    score would be flattened towards 1/classes); the lower bound is where a validation
+    split the model classifies without error sends the fit (the NLL keeps falling as T goes
+    to 0), and every score would read 1.0."""
     t = fit_temperature(logits, labels)
     ece_before = expected_calibration_error(softmax(logits), labels)
     ece_fitted = expected_calibration_error(softmax(logits, t), labels)
     rejected = None
     if len(labels) < MIN_IMAGES:
         rejected = f"fewer than {MIN_IMAGES} validation images"
-    elif t >= T_MAX * 0.99:
+    elif _at(T_MAX, t, logits, labels):
         rejected = f"the fit ran to the upper bound {T_MAX:g}"
+    elif _at(T_MIN, t, logits, labels):
+        rejected = (f"the fit ran to the lower bound {T_MIN:g} (a split classified without "
+                    "error: every score would read 1.0)")
     elif ece_fitted > ece_before:
         rejected = "it raised the validation ECE"
     used = 1.0 if rejected else t

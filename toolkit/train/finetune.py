@@ -601,9 +601,14 @@ def find_lr(args: FinetuneArgs, trainer: Any, session: Session, what: str = "--l
     trainer then trains with its suggestion, said on stderr."""
     session.log(f"{what}: LR range test ({args.lr_find_steps} steps, 1e-07 .. 10)...")
     found = trainer.find_lr(args.lr_find_steps)
-    session.log(f"{what}: lr {found.suggestion:.3g} ({found.rule}: {len(found.lrs)} steps, "
-                f"lowest loss at lr {found.record()['min_loss_lr'] or 0:.3g}; fastai's valley "
-                f"rule would say {found.valley:.3g})")
+    low = found.record()["min_loss_lr"] or 0
+    if found.why:
+        session.log(f"{what}: lr {found.suggestion:.3g} (valley rule: {found.why}; "
+                    f"{len(found.lrs)} steps, lowest loss at lr {low:.3g})")
+    else:
+        session.log(f"{what}: lr {found.suggestion:.3g} ({found.rule}: {len(found.lrs)} "
+                    f"steps, lowest loss at lr {low:.3g}; fastai's valley rule would say "
+                    f"{found.valley:.3g})")
     return found
 
 

@@ -14,7 +14,15 @@ minimum picks 1.5e-4 and 8e-4 (0.842 and 0.946; the best fixed values measured w
 and 2e-3: benchmarks/README.md). The minimum marks where a larger step starts to hurt,
 which is what the peak of tk's warm-up + cosine schedule needs (Smith's one-cycle
 reasoning); halving it keeps a noisy minimum off the cliff behind it (alexnet at 1.7x its
-minimum fell from 0.89 to 0.76). The model's weights and the random state
+minimum fell from 0.89 to 0.76).
+
+The minimum is trusted only while the test went over the training data at most
+:data:`MAX_PASSES` times (the demo: 2.3-3.2 passes). On a small training set the same
+100 steps go over every image many times, the loss keeps falling because the network
+memorises, not because the learning rate suits it, and the minimum lands at a learning
+rate that then diverges (58 images, 27 passes: lowest loss at 0.066, training at half of it
+ended at chance); there the conservative valley is used and the reason recorded. The
+model's weights and the random state
 are restored afterwards, so training starts exactly as it would have; the optimizer used
 by the test is thrown away. Works with every freeze mode (the same trainable parameters and
 per-group LR ratios as training) and with the feature cache (the head alone).
@@ -34,6 +42,7 @@ DEFAULT_STEPS = 100
 SMOOTH = 0.98  # exponential smoothing of the loss, debiased
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of its best
 BURN_IN = 0.1  # the first tenth of the steps: not searched for the minimum
+MAX_PASSES = 4.0  # beyond this many passes over the training data, the valley instead
 RULE = "minimum/2"
 
 
@@ -46,6 +55,8 @@ class RangeTest:
     suggestion: float = 0.0
     rule: str = RULE
     valley: float = 0.0  # fastai's rule, recorded for comparison
+    passes: float = 0.0  # how many times the test went over the training data
+    why: str = ""  # why the rule is not the default one
     steps: int = 0  # planned
     start: float = START_LR
     end: float = END_LR
@@ -55,7 +66,8 @@ class RangeTest:
         return {"suggestion": self.suggestion, "rule": self.rule, "steps": self.steps,
                 "steps_run": len(self.lrs), "start": self.start, "end": self.end,
                 "min_loss_lr": minimum(self.lrs, self.losses, self.steps) if self.lrs else None,
-                "valley": self.valley}
+                "valley": self.valley, "passes": round(self.passes, 3),
+                **({"why": self.why} if self.why else {})}
 
 
 def minimum(lrs: list[float], losses: list[float], steps: int | None = None) -> float:
@@ -103,6 +115,7 @@ def range_test(trainer: Trainer, steps: int = DEFAULT_STEPS, start: float = STAR
     rng = torch.random.get_rng_state()
     frozen = trainer.freezing.frozen
     result = RangeTest(steps=int(steps), start=start, end=end)
+    batches = 1
     try:
         model.to(trainer.device)
         trainer.freezing.freeze_before_training()
@@ -111,6 +124,7 @@ def range_test(trainer: Trainer, steps: int = DEFAULT_STEPS, start: float = STAR
         ratios = [g["lr"] / trainer.cfg.lr for g in opt.param_groups]
         scaler = grad_scaler(trainer.device, trainer.cfg.precision)
         loader = trainer.train_loader()
+        batches = len(loader)
         trainer.freezing.train_mode(model)
         channels_last = trainer.loop.channels_last
         avg, best, step, epoch = 0.0, math.inf, 0, 0
@@ -152,6 +166,19 @@ def range_test(trainer: Trainer, steps: int = DEFAULT_STEPS, start: float = STAR
         trainer.freezing.frozen = frozen
         for p in model.parameters():
             p.grad = None
-    result.valley = valley(result.lrs, result.losses)
-    result.suggestion = minimum(result.lrs, result.losses, result.steps) / 2
+    result.passes = len(result.lrs) / max(1, batches)
+    choose(result)
     return result
+
+
+def choose(result: RangeTest) -> None:
+    """Set ``result``'s suggestion and rule (see the module's docstring)."""
+    result.valley = valley(result.lrs, result.losses)
+    if result.passes > MAX_PASSES:
+        result.rule = "valley"
+        result.why = (f"the test went {result.passes:.1f} times over the training data "
+                      f"(more than {MAX_PASSES:g}): its lowest loss is memorising")
+        result.suggestion = result.valley
+    else:
+        result.rule = RULE
+        result.suggestion = minimum(result.lrs, result.losses, result.steps) / 2
