@@ -599,8 +599,11 @@ def find_lr(args: FinetuneArgs, trainer: Any, session: Session, what: str = "--l
             ) -> Any:
     """``--lr auto``: the LR range test on the training split (model restored after); the
     trainer then trains with its suggestion, said on stderr."""
+    from toolkit.train.lr_find import range_test
+
     session.log(f"{what}: LR range test ({args.lr_find_steps} steps, 1e-07 .. 10)...")
-    found = trainer.find_lr(args.lr_find_steps)
+    found = range_test(trainer, steps=args.lr_find_steps)
+    trainer.cfg.lr = found.suggestion
     low = found.record()["min_loss_lr"] or 0
     if found.why:
         session.log(f"{what}: lr {found.suggestion:.3g} (valley rule: {found.why}; "

@@ -273,15 +273,6 @@ class Trainer:
     def train_loader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_set, train=True)
 
-    def find_lr(self, steps: int) -> Any:
-        """``--lr auto``: run the LR range test and train with its suggestion (returns
-        the :class:`toolkit.train.lr_find.RangeTest`)."""
-        from toolkit.train.lr_find import range_test
-
-        found = range_test(self, steps=steps)
-        self.cfg.lr = found.suggestion
-        return found
-
     def _loader(self, dataset: Any, train: bool) -> torch.utils.data.DataLoader:
         # training samples carry their epoch: each one's augmentation is seeded by
         # (seed, epoch, index), whichever worker draws it, so workers can stay alive across
