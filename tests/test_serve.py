@@ -424,3 +424,40 @@ def test_an_onnx_export_is_served_as_tk_infer_reads_it(
             assert [t["label"] for t in row["topk"]] == [
                 t["label"] for t in want[row["path"]]["topk"]]
             assert row["score"] == pytest.approx(want[row["path"]]["score"], abs=1e-4)
+
+
+def test_ctrl_c_stops_the_server_and_a_second_one_cuts_the_wait(
+        home: Path, files: dict[str, Path]) -> None:
+    """Ctrl-C (SIGINT) stops like SIGTERM: exit 0, "stopped:" said, no traceback. A second
+    Ctrl-C while requests are still being answered ends the wait at once: exit 130 and
+    "tk: interrupted", no traceback either."""
+    with serving(home) as srv:
+        assert httpx.get(f"{srv.url}/health", timeout=TIMEOUT).status_code == 200
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(60) == 0, srv.stderr
+    assert "stopped: " in srv.stderr and "Traceback" not in srv.stderr
+
+    good = [("file", ("good0.png", files["good0.png"].read_bytes()))]
+    # batches wait 10 s to fill: the requests are still in flight at both Ctrl-Cs
+    with serving(home, "--max-batch", "64", "--max-wait-ms", "10000") as srv:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(httpx.post, f"{srv.url}/v1/predict", files=good,
+                                   timeout=TIMEOUT) for _ in range(2)]
+            deadline = time.monotonic() + TIMEOUT
+            while httpx.get(f"{srv.url}/v1/stats", timeout=TIMEOUT).json()["in_flight"] < 2:
+                assert time.monotonic() < deadline, "the requests never arrived"
+                time.sleep(0.05)
+            srv.proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            srv.proc.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            code = srv.proc.wait(60)
+            for f in futures:  # answered or cut off: either way the client gets an end
+                try:
+                    f.result()
+                except httpx.HTTPError:
+                    pass
+        assert time.monotonic() - start < 7  # not the rest of the 10 s batch wait
+    assert code == 130, srv.stderr
+    assert srv.stderr.strip().splitlines()[-1] == "tk: interrupted", srv.stderr
+    assert "Traceback" not in srv.stderr

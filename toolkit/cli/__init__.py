@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         error.exit_code = exc.exit_code
         code = _report(error, state)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        click.echo("tk: aborted" if isinstance(exc, click.exceptions.Abort)
-                   else "tk: interrupted", err=True)
+        # click turns a Ctrl-C inside a command into Abort too; "aborted" is for a prompt
+        # left without an answer
+        ctrl_c = isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__,
+                                                                  KeyboardInterrupt)
+        click.echo("tk: interrupted" if ctrl_c else "tk: aborted", err=True)
         code = 130
     except BrokenPipeError:
         code = 141

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -154,6 +155,8 @@ def run_serve(args: ServeArgs, plugins: Any, log: Callable[[str], None] = _log) 
     stats = batcher.stats
     log(f"stopped: {stats.requests} request(s), {stats.images} image(s) in "
         f"{stats.batches} batch(es)")
+    if server.forced:  # a second Ctrl-C: the requests still in flight were cut off
+        raise KeyboardInterrupt
     return stats.requests
 
 
@@ -163,7 +166,17 @@ def _server_class() -> Any:
     class Server(uvicorn.Server):
         """uvicorn's server, but a SIGTERM / SIGINT that stopped it gracefully is not raised
         again afterwards (uvicorn re-raises it, which would end the process by the signal
-        instead of exit status 0)."""
+        instead of exit status 0). A second Ctrl-C while requests are still being answered
+        stops at once (uvicorn's force exit) without the traceback uvicorn logs for each
+        cancelled request; ``forced`` says it happened (tk then exits 130, interrupted)."""
+
+        forced = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.forced = True
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
