@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from photos import _crop, source_photos  # noqa: E402
+from photos import _crop, quarters  # noqa: E402
 
 # quarters of the two photographs (photo_regions names): top-left / bottom-right of each
 KINDS = ("china_tl", "china_br", "flower_tl", "flower_br")
@@ -40,17 +40,7 @@ GREY = (128, 128, 128)
 
 def _regions() -> dict[str, tuple]:
     """Each kind: (the photograph, the box of its quarter)."""
-    from PIL import Image
-
-    out = {}
-    for src in source_photos():
-        img = Image.open(src).convert("RGB")
-        w, h = img.size
-        for row in range(2):
-            for col in range(2):
-                name = f"{src.stem}_{'tb'[row]}{'lr'[col]}"
-                box = (col * w // 2, row * h // 2, (col + 1) * w // 2, (row + 1) * h // 2)
-                out[name] = (img, box)
+    out = {name: (img, box) for name, img, box in quarters()}
     return {k: out[k] for k in KINDS}
 
 

@@ -63,26 +63,35 @@ def photo_jpegs(out: Path, n: int, size: tuple[int, int] = (500, 375), seed: int
     return paths
 
 
-def photo_regions(root: Path, per_class: int, size: tuple[int, int] = (160, 120),
-                  seed: int = 0) -> list[str]:
-    """A labelled real-image set: each photograph cut in 2x2 regions, one class per region
-    (8 classes), ``per_class`` JPEG crops of ``size`` from inside each region in
-    ``root/<class>/``. Returns the class names."""
+def quarters() -> list[tuple[str, object, tuple[int, int, int, int]]]:
+    """Each photograph cut in 2x2 regions: ``(name, image, box)`` per region, named
+    ``<photo>_<t|b><l|r>`` (8 in all)."""
     from PIL import Image
 
-    rng = random.Random(seed)
-    classes = []
+    out = []
     for src in source_photos():
         img = Image.open(src).convert("RGB")
         w, h = img.size
         for row in range(2):
             for col in range(2):
                 name = f"{src.stem}_{'tb'[row]}{'lr'[col]}"
-                classes.append(name)
-                folder = root / name
-                folder.mkdir(parents=True, exist_ok=True)
                 box = (col * w // 2, row * h // 2, (col + 1) * w // 2, (row + 1) * h // 2)
-                for i in range(per_class):
-                    crop = _crop(img, rng, *size, box=box)
-                    crop.save(folder / f"{name}_{i:04d}.jpg", quality=rng.randint(75, 95))
+                out.append((name, img, box))
+    return out
+
+
+def photo_regions(root: Path, per_class: int, size: tuple[int, int] = (160, 120),
+                  seed: int = 0) -> list[str]:
+    """A labelled real-image set: each photograph cut in 2x2 regions, one class per region
+    (8 classes), ``per_class`` JPEG crops of ``size`` from inside each region in
+    ``root/<class>/``. Returns the class names."""
+    rng = random.Random(seed)
+    classes = []
+    for name, img, box in quarters():
+        classes.append(name)
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            crop = _crop(img, rng, *size, box=box)
+            crop.save(folder / f"{name}_{i:04d}.jpg", quality=rng.randint(75, 95))
     return classes
